@@ -1,0 +1,1 @@
+from .card import load_model, sha256_file

@@ -1,0 +1,283 @@
+"""Slice geometry shared by training and inference: native grid <-> model slices.
+
+The model sees 2D axial slices of ``size x size`` pixels of ``pixel_size`` mm. This
+module maps any 3D image onto that slice stack and back, exactly:
+
+1. **Reorientation without interpolation.** The voxel axes are permuted and flipped
+   to the closest RAS+ order (:func:`nibabel.orientations.io_orientation`). Axial,
+   sagittal, coronal, flipped and obliquely stored images all become ``(X, Y, Z)``
+   arrays whose third axis is the one closest to inferior->superior. An oblique
+   2D acquisition is therefore sliced in its own acquisition plane, which is what a
+   thick-slice clinical FLAIR needs (resampling it onto a world-aligned grid would
+   smear 6 mm slices across the plane).
+2. **In-plane resampling** of every slice to ``pixel_size`` mm, centred on the head,
+   with centred padding/cropping to ``size x size`` (one affine map per slice, as
+   MS3SEG's "rescale to 1x1 mm, then zero-pad/crop to 256x256", but with the
+   geometry kept).
+3. **The inverse** maps per-class probabilities (or any channels) back onto the
+   input voxel grid (linear interpolation of probabilities, then argmax by the
+   caller), so outputs have the input's shape and affine.
+
+Slice arrays are ``(Z, H, W[, C])``: ``Z`` runs inferior->superior, ``H`` along
++x (towards Right) and ``W`` along +y (towards Anterior) of the reoriented image.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from ..exceptions import InputDataError
+
+RAS_ORNT = nib.orientations.axcodes2ornt(("R", "A", "S"))
+
+
+def head_threshold(data: np.ndarray) -> float:
+    """Otsu threshold of an image's intensity histogram, for a head/foreground mask.
+
+    Hand-written (12 lines) because scikit-image is not otherwise a dependency.
+
+    Parameters
+    ----------
+    data : ndarray, any shape, real dtype
+        Image intensities (finite).
+
+    Returns
+    -------
+    float
+        Threshold separating air from head (Otsu 1979, 256 bins).
+    """
+    values = np.asarray(data, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    lo, hi = np.percentile(values, [0.0, 99.9]) if values.size else (0.0, 0.0)
+    if hi <= lo:
+        return float(lo)
+    hist, edges = np.histogram(np.clip(values, lo, hi), bins=256, range=(lo, hi))
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def head_mask(data: np.ndarray) -> np.ndarray:
+    """Foreground (head) mask: Otsu threshold, largest component, holes filled per slice.
+
+    Parameters
+    ----------
+    data : ndarray (X, Y, Z)
+        Image intensities.
+
+    Returns
+    -------
+    ndarray (X, Y, Z) bool
+    """
+    mask = data > head_threshold(data)
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    for k in range(mask.shape[2]):
+        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    return mask
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """How one 3D image maps to the model's slice stack and back.
+
+    Attributes
+    ----------
+    in_shape : tuple of 3 int
+        Shape of the input voxel array, as stored.
+    ornt : tuple of 3 (axis, flip) pairs
+        nibabel orientation taking the stored array to the closest RAS+ order.
+    ras_shape : tuple of 3 int
+        Shape ``(X, Y, Z)`` after reorientation.
+    ras_zooms : tuple of 3 float
+        Voxel size in mm along the reoriented axes.
+    pixel_size : float
+        Model pixel size in mm (square pixels).
+    size : int
+        Model slice size in pixels (square).
+    centre : tuple of 2 float
+        In-plane voxel coordinates (reoriented X, Y) placed at the slice centre.
+    """
+
+    in_shape: tuple
+    ornt: tuple
+    ras_shape: tuple
+    ras_zooms: tuple
+    pixel_size: float
+    size: int
+    centre: tuple
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_image(
+        cls,
+        img: nib.spatialimages.SpatialImage,
+        pixel_size: float,
+        size: int,
+        centre_on: np.ndarray | None = None,
+    ) -> "SliceGeometry":
+        """Build the geometry of an image.
+
+        Parameters
+        ----------
+        img : nibabel image, 3D
+            Input image with a valid affine.
+        pixel_size : float
+            Model pixel size, mm.
+        size : int
+            Model slice size, pixels.
+        centre_on : ndarray (X, Y, Z) of bool in the *stored* order, optional
+            Mask whose in-plane bounding-box centre is put at the slice centre
+            (default: the head mask of the image; array centre if empty).
+
+        Raises
+        ------
+        InputDataError
+            If the image is not 3D or its affine is singular.
+        """
+        shape = tuple(int(s) for s in img.shape)
+        if len(shape) != 3:
+            raise InputDataError(f"expected a 3D image, got shape {shape}")
+        affine = np.asarray(img.affine, dtype=np.float64)
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+            raise InputDataError("the image affine is singular or not finite")
+        ornt = nib.orientations.io_orientation(affine)
+        ras_aff = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+        ras_shape = tuple(int(shape[int(ax)]) for ax in ornt[:, 0])
+        ras_zooms = tuple(float(z) for z in np.sqrt((ras_aff[:3, :3] ** 2).sum(axis=0)))
+        if centre_on is None:
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            centre_on = head_mask(np.nan_to_num(data))
+        mask_ras = nib.orientations.apply_orientation(np.asarray(centre_on), ornt)
+        if mask_ras.any():
+            ii, jj = np.nonzero(mask_ras.any(axis=2))
+            centre = (0.5 * (ii.min() + ii.max()), 0.5 * (jj.min() + jj.max()))
+        else:
+            centre = ((ras_shape[0] - 1) / 2.0, (ras_shape[1] - 1) / 2.0)
+        return cls(
+            in_shape=shape,
+            ornt=tuple((int(a), int(f)) for a, f in ornt),
+            ras_shape=ras_shape,
+            ras_zooms=ras_zooms,
+            pixel_size=float(pixel_size),
+            size=int(size),
+            centre=(float(centre[0]), float(centre[1])),
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable description (for sidecars and reports)."""
+        return asdict(self)
+
+    # ---------------------------------------------------------------- maps
+    def _inplane(self) -> tuple[np.ndarray, np.ndarray]:
+        """Diagonal scale and offset mapping slice pixel (u, v) to voxel (i, j)."""
+        scale = np.array([self.pixel_size / self.ras_zooms[0], self.pixel_size / self.ras_zooms[1]])
+        c_out = (self.size - 1) / 2.0
+        offset = np.array(self.centre) - c_out * scale
+        return scale, offset
+
+    def to_ras(self, data: np.ndarray) -> np.ndarray:
+        """Reorient a stored-order array ``(I, J, K[, C])`` to ``(X, Y, Z[, C])`` RAS+."""
+        return nib.orientations.apply_orientation(data, np.array(self.ornt, dtype=float))
+
+    def from_ras(self, data: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_ras`."""
+        back = _invert_ornt(np.array(self.ornt, dtype=float))
+        return nib.orientations.apply_orientation(data, back)
+
+    def forward(self, data: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
+        """Stored-order volume -> model slices.
+
+        Parameters
+        ----------
+        data : ndarray (I, J, K), stored order
+            Intensities (``order=1``) or labels (``order=0``).
+        order : int
+            Spline order of the in-plane interpolation (0 nearest, 1 linear).
+        cval : float
+            Value outside the input field of view.
+
+        Returns
+        -------
+        ndarray (Z, size, size) float32 (or the input dtype for ``order=0``)
+        """
+        if tuple(data.shape) != self.in_shape:
+            raise ValueError(f"array shape {data.shape} != geometry shape {self.in_shape}")
+        ras = self.to_ras(np.asarray(data))
+        scale, offset = self._inplane()
+        out_dtype = ras.dtype if order == 0 else np.float32
+        src = ras if order == 0 else ras.astype(np.float32, copy=False)
+        out = ndimage.affine_transform(
+            src,
+            np.array([scale[0], scale[1], 1.0]),
+            offset=np.array([offset[0], offset[1], 0.0]),
+            output_shape=(self.size, self.size, self.ras_shape[2]),
+            order=order,
+            mode="constant",
+            cval=cval,
+            output=out_dtype,
+        )
+        return np.ascontiguousarray(np.moveaxis(out, 2, 0))
+
+    def inverse(self, slices: np.ndarray, order: int = 1, cval=0.0) -> np.ndarray:
+        """Model slices -> stored-order volume on the input voxel grid.
+
+        Parameters
+        ----------
+        slices : ndarray (Z, size, size) or (Z, size, size, C)
+            Per-slice values, e.g. per-class probabilities (C channels).
+        order : int
+            Spline order (1 for probabilities, 0 for labels).
+        cval : float or sequence of C floats
+            Value outside the model field of view, per channel (e.g. 1 for the
+            background probability, 0 for the others).
+
+        Returns
+        -------
+        ndarray (I, J, K) or (I, J, K, C) float32, in the stored voxel order
+        """
+        squeeze = slices.ndim == 3
+        if squeeze:
+            slices = slices[..., None]
+        nz, h, w, nc = slices.shape
+        if (nz, h, w) != (self.ras_shape[2], self.size, self.size):
+            raise ValueError(f"slices {slices.shape} do not match geometry {self}")
+        cvals = np.broadcast_to(np.asarray(cval, dtype=np.float32), (nc,))
+        scale, offset = self._inplane()
+        inv_scale = 1.0 / scale
+        inv_offset = -offset / scale
+        out = np.empty(tuple(self.ras_shape) + (nc,), dtype=np.float32)
+        vol = np.moveaxis(slices, 0, 2)  # (size, size, Z, C)
+        for c in range(nc):
+            out[..., c] = ndimage.affine_transform(
+                vol[..., c].astype(np.float32, copy=False),
+                np.array([inv_scale[0], inv_scale[1], 1.0]),
+                offset=np.array([inv_offset[0], inv_offset[1], 0.0]),
+                output_shape=tuple(self.ras_shape),
+                order=order,
+                mode="constant",
+                cval=float(cvals[c]),
+            )
+        out = self.from_ras(out)
+        return out[..., 0] if squeeze else out
+
+
+def _invert_ornt(ornt: np.ndarray) -> np.ndarray:
+    """Orientation that undoes ``apply_orientation(arr, ornt)``.
+
+    ``ornt[i] = (j, flip)`` sends input axis ``i`` to output axis ``j``. The inverse
+    sends output axis ``j`` back to ``i`` with the same flip.
+    """
+    inv = np.zeros_like(ornt)
+    for i, (j, flip) in enumerate(ornt):
+        inv[int(j)] = (i, flip)
+    return inv
