@@ -152,7 +152,10 @@ class SliceGeometry:
             raise InputDataError("the image affine is singular or not finite")
         ornt = nib.orientations.io_orientation(affine)
         ras_aff = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
-        ras_shape = tuple(int(shape[int(ax)]) for ax in ornt[:, 0])
+        ras_list = [0, 0, 0]
+        for i, (j, _flip) in enumerate(ornt):  # stored axis i becomes RAS axis j
+            ras_list[int(j)] = shape[i]
+        ras_shape = tuple(ras_list)
         ras_zooms = tuple(float(z) for z in np.sqrt((ras_aff[:3, :3] ** 2).sum(axis=0)))
         if centre_on is None:
             data = np.asarray(img.dataobj, dtype=np.float32)
@@ -182,7 +185,9 @@ class SliceGeometry:
         """Diagonal scale and offset mapping slice pixel (u, v) to voxel (i, j)."""
         scale = np.array([self.pixel_size / self.ras_zooms[0], self.pixel_size / self.ras_zooms[1]])
         c_out = (self.size - 1) / 2.0
-        offset = np.array(self.centre) - c_out * scale
+        # Offsets are snapped to whole input voxels: at unit scale the map is then
+        # an exact integer shift, so nearest-neighbour round trips are lossless.
+        offset = np.round(np.array(self.centre) - c_out * scale)
         return scale, offset
 
     def to_ras(self, data: np.ndarray) -> np.ndarray:

@@ -41,6 +41,8 @@ def normalize(data: np.ndarray, method: str = "head_percentile", upper_percentil
         If the volume is constant (nothing to normalise).
     """
     x = np.asarray(data, dtype=np.float32)
+    if x.size == 0 or float(x.max()) <= float(x.min()):
+        raise ValueError("constant image: every voxel has the same value")
     if method == "minmax":
         lo, hi = float(x.min()), float(x.max())
         if hi <= lo:

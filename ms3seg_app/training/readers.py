@@ -13,9 +13,9 @@ Three layouts (see ``shared/data/README.md`` of the development workspace):
     ``<id>_<k>.png``, 16-bit 256x512: FLAIR slice | mask (0, ~32639 normal WMH,
     65535 abnormal WMH). Ventricles not annotated.
 
-Every mask is aligned to its FLAIR **by voxel index**: the mask headers of these
-datasets disagree with the FLAIR's (different orientation codes), so world-space
-alignment would flip them. Masks are thresholded (float masks hold ~1.00000006,
+The mask headers of ``ms3seg_sample`` disagree with the FLAIR's (different orientation
+codes). Most masks align by voxel index, some by header: :func:`align_mask` tries both
+and keeps the one whose FLAIR contrast fits (ventricles dark, lesions bright). Masks are thresholded (float masks hold ~1.00000006,
 some uint8 masks hold stray 255 values).
 """
 from __future__ import annotations
@@ -128,25 +128,74 @@ def _binary(path: Path, shape: tuple) -> np.ndarray:
     return np.asarray(arr, dtype=np.float64) > 0.5
 
 
-def mask_fit_score(flair: np.ndarray, ventricles: np.ndarray) -> float:
-    """How well a ventricle mask fits a FLAIR: mean intensity inside it, relative.
+_RING = np.zeros((3, 3, 1), bool)
+_RING[:, :, 0] = True
 
-    Ventricles are dark (suppressed CSF) on FLAIR, so a fitting mask has a low
-    score (well below 1); a mask from another patient lands on brain tissue and
-    scores near or above 1.
+
+def contrast_ratio(flair: np.ndarray, mask: np.ndarray, ring_voxels: int = 3) -> float:
+    """Mean FLAIR inside a mask / mean FLAIR in an in-plane ring around it.
+
+    A ventricle mask that fits its FLAIR is much darker than the tissue around it
+    (ratio ~0.3-0.45 on the development data); a lesion mask that fits is brighter
+    (~1.3-1.5). A misplaced mask scores near 1.
+
+    Parameters
+    ----------
+    flair : ndarray (I, J, K)
+    mask : ndarray (I, J, K) bool
+    ring_voxels : int
+        In-plane ring width (dilation iterations).
 
     Returns
     -------
-    float
-        mean FLAIR in the mask / median FLAIR of the head; ``inf`` for an empty mask.
+    float; NaN for an empty mask.
     """
-    from ..preprocessing import head_mask
+    from scipy import ndimage
 
-    if not ventricles.any():
-        return float("inf")
+    if not mask.any():
+        return float("nan")
     f = np.asarray(flair, dtype=np.float64)
-    head = head_mask(f)
-    return float(f[ventricles].mean() / max(np.median(f[head]), 1e-6))
+    ring = ndimage.binary_dilation(mask, _RING, iterations=ring_voxels) & ~mask
+    return float(f[mask].mean() / max(f[ring].mean(), 1e-6))
+
+
+def mask_fit_score(flair: np.ndarray, ventricles: np.ndarray) -> float:
+    """Ventricle-mask fit: :func:`contrast_ratio` (lower is better; ``inf`` if empty)."""
+    r = contrast_ratio(flair, ventricles)
+    return float("inf") if r != r else r
+
+
+def align_mask(mask_path: Path, flair_img: nib.Nifti1Image, flair_data: np.ndarray, dark: bool) -> tuple:
+    """Put a mask on its FLAIR's voxel grid, by voxel index or by header, whichever fits.
+
+    The development masks' headers disagree with the FLAIRs' (e.g. FLAIR LAS, mask
+    RAS). For most subjects voxel [i,j,k] of the mask labels voxel [i,j,k] of the
+    FLAIR; for some it is mirrored left-right, and the header does not always say so.
+    The candidates (index, header, and the in-plane mirrors of the index alignment) are
+    scored with :func:`contrast_ratio` (ventricles must be dark, ``dark=True``; lesions
+    bright) and the best one is kept; the index alignment wins ties.
+
+    Returns
+    -------
+    (mask ndarray (I, J, K) bool, str name of the alignment used, float contrast ratio)
+    """
+    img = nib.load(str(mask_path))
+    by_index = _binary(mask_path, flair_img.shape)
+    cands = {"index": by_index}
+    trans = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                            nib.orientations.io_orientation(flair_img.affine))
+    by_header = nib.orientations.apply_orientation(by_index, trans)
+    if by_header.shape == by_index.shape:
+        cands["header"] = by_header
+    # In-plane mirrors: some development masks are stored left-right mirrored with a
+    # header that does not say so (found by the contrast test, see the docstring).
+    cands["mirror_i"] = by_index[::-1]
+    cands["mirror_j"] = by_index[:, ::-1]
+    cands["mirror_ij"] = by_index[::-1, ::-1]
+    scores = {k: contrast_ratio(flair_data, m) for k, m in cands.items()}
+    sign = 1.0 if dark else -1.0
+    key = min(scores, key=lambda k: (sign * scores[k] if scores[k] == scores[k] else 9.0) - (1e-3 if k == "index" else 0))
+    return cands[key], key, scores[key]
 
 
 def read_ms3seg_sample(root: Path | str) -> list[LabelledVolume]:
@@ -154,7 +203,7 @@ def read_ms3seg_sample(root: Path | str) -> list[LabelledVolume]:
 
     A scan whose FLAIR content is identical to another subject's is a filing error.
     Of each group of identical scans, the subject whose ventricle mask fits the image
-    best is kept (if it fits at all: score < 0.8); the others are excluded with a
+    best is kept (if it fits at all: contrast < 0.6); the others are excluded with a
     warning. This identifies a corrupt subject by content, never by its id.
 
     Parameters
@@ -190,13 +239,18 @@ def read_ms3seg_sample(root: Path | str) -> list[LabelledVolume]:
         if not vent_p.exists() or not les_p.exists():
             LOGGER.warning("%s: masks missing, subject skipped", sid)
             continue
-        vent = _binary(vent_p, shape)
-        les = _binary(les_p, shape)
+        fdata = np.asanyarray(img.dataobj)
+        vent, vhow, vfit = align_mask(vent_p, img, fdata, dark=True)
+        les, lhow, lfit = align_mask(les_p, img, fdata, dark=False)
+        LOGGER.info("%s: ventricle mask aligned by %s (contrast %.2f), lesion mask by %s (%.2f)",
+                    sid, vhow, vfit, lhow, lfit)
         labels = np.zeros(shape, np.uint8)
         labels[vent] = 1
         labels[les] = 3  # lesions win where the two masks overlap (rare, at the wall)
         volumes[sid] = LabelledVolume(sid, "ms3seg_sample", img, labels, NO_NWMH, fpath,
-                                      extra={"brain_mask": reg / sid / f"{sid}_brain_mask.nii.gz"})
+                                      extra={"brain_mask": reg / sid / f"{sid}_brain_mask.nii.gz",
+                                             "alignment": {"ventricles": vhow, "lesions": lhow},
+                                             "contrast": {"ventricles": vfit, "lesions": lfit}})
     excluded = set()
     for group in find_duplicate_images(flairs):
         scores = {}
@@ -205,7 +259,7 @@ def read_ms3seg_sample(root: Path | str) -> list[LabelledVolume]:
                 v = volumes[sid]
                 scores[sid] = mask_fit_score(np.asanyarray(v.flair.dataobj), v.labels == 1)
         keep = min(scores, key=scores.get) if scores else None
-        if keep is not None and scores[keep] >= 0.8:
+        if keep is not None and scores[keep] >= 0.6:
             keep = None
         for sid in group:
             if sid != keep:

@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import needs_shared
+from ms3seg_app.exceptions import ModelError
+from ms3seg_app.model.card import load_model, write_card
+from ms3seg_app.model.unet import build_unet
+
+
+def test_unet_shapes_and_ms3seg_structure():
+    m = build_unet((64, 64, 1), base_filters=4)
+    assert m.output_shape == (None, 64, 64, 4)
+    y = m.predict(np.zeros((2, 64, 64, 1), np.float32), verbose=0)
+    np.testing.assert_allclose(y.sum(-1), 1.0, atol=1e-5)
+    names = [layer.__class__.__name__ for layer in m.layers]
+    assert names.count("MaxPooling2D") == 4 and names.count("UpSampling2D") == 4
+    assert names.count("Conv2D") == 2 * 9 + 1 and names.count("BatchNormalization") == 2 * 9
+    # fully convolutional: any size divisible by 16
+    m2 = build_unet((None, None, 1), base_filters=4)
+    assert m2.predict(np.zeros((1, 48, 80, 1), np.float32), verbose=0).shape == (1, 48, 80, 4)
+
+
+def _tiny_model(tmp_path):
+    from ms3seg_app.training.train import TrainConfig, default_card
+
+    m = build_unet((None, None, 1), base_filters=4)
+    w = tmp_path / "tiny.keras"
+    m.save(w)
+    write_card(default_card(TrainConfig(base_filters=4)), w)
+    return w
+
+
+def test_loading_verifies_sha256(tmp_path):
+    w = _tiny_model(tmp_path)
+    model, card, path = load_model(w)
+    assert card["sha256"] and path == w
+    with open(w, "ab") as fh:  # tamper
+        fh.write(b"\0")
+    with pytest.raises(ModelError, match="sha256"):
+        load_model(w)
+    model, _, _ = load_model(w, allow_unverified=True)  # explicit opt-in still loads
+
+
+def test_missing_card_and_wrong_class_count(tmp_path):
+    w = _tiny_model(tmp_path)
+    card_p = tmp_path / "tiny_model_card.json"
+    card = json.loads(card_p.read_text())
+    card["classes"] = card["classes"][:3]
+    card_p.write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="classes"):
+        load_model(w)
+    card_p.unlink()
+    with pytest.raises(ModelError, match="card"):
+        load_model(w)
+
+
+def test_lambda_layer_refused_by_safe_mode(tmp_path):
+    import keras
+
+    from ms3seg_app.training.train import TrainConfig, default_card
+
+    inp = keras.Input((None, None, 1))
+    out = keras.layers.Lambda(lambda t: keras.ops.concatenate([t] * 4, axis=-1))(inp)
+    w = tmp_path / "evil.keras"
+    keras.Model(inp, out).save(w)
+    write_card(default_card(TrainConfig()), w)
+    with pytest.raises(ModelError, match="safe mode|cannot load"):
+        load_model(w)
+
+
+@needs_shared
+def test_few_training_steps_on_real_slices_lower_the_loss(shared_data):
+    import keras
+
+    from ms3seg_app.model.losses import MarginalDiceCE
+    from ms3seg_app.training.dataset import pack_targets, volume_to_slices
+    from ms3seg_app.training.readers import read_trimask_sample
+    from ms3seg_app.training.train import PREPROCESSING
+
+    keras.utils.set_random_seed(0)
+    vol = read_trimask_sample(shared_data / "trimask_sample")[0]
+    s = volume_to_slices(vol, PREPROCESSING)
+    keep = (s.labels > 0).reshape(len(s), -1).any(1)
+    x = s.images[keep][:6, 64:192, 64:192, None]
+    y = pack_targets(s.labels[keep][:6, 64:192, 64:192], s.annotated[keep][:6])
+    m = build_unet((None, None, 1), base_filters=4)
+    m.compile(keras.optimizers.Adam(3e-3), loss=MarginalDiceCE())
+    hist = m.fit(x, y, epochs=15, batch_size=6, verbose=0).history["loss"]
+    assert np.mean(hist[-3:]) < 0.9 * np.mean(hist[:3])  # training-mode loss falls
