@@ -290,8 +290,13 @@ def collect_cv(cv_dir: Path) -> dict:
     }
 
 
-def run_final(data: Path, out: Path, cfg: TrainConfig, cv_dir: Path | None, dest: Path | None) -> Path:
-    """Train on every usable subject and write ``<dest>/<name>.keras`` with its card."""
+def run_final(data: Path, out: Path, cfg: TrainConfig, cv_dir: Path | None, dest: Path | None,
+              epochs_from_cv: bool = True) -> Path:
+    """Train on every usable subject and write ``<dest>/<name>.keras`` with its card.
+
+    With ``cv_dir`` the card gets the cross-validation results, and (``epochs_from_cv``)
+    the number of epochs is the median best epoch of the folds.
+    """
     from ..model.card import write_card
 
     out.mkdir(parents=True, exist_ok=True)
@@ -299,8 +304,9 @@ def run_final(data: Path, out: Path, cfg: TrainConfig, cv_dir: Path | None, dest
     card = default_card(cfg)
     cv = collect_cv(cv_dir) if cv_dir else None
     if cv:
-        cfg.epochs = int(math.ceil(float(np.median(cv["best_epochs"]))))
-        card["training"]["config"] = asdict(cfg)
+        if epochs_from_cv:
+            cfg.epochs = int(math.ceil(float(np.median(cv["best_epochs"]))))
+            card["training"]["config"] = asdict(cfg)
         card["cross_validation"] = cv
     subjects = [v.subject for v in vols]
     t0 = time.time()
@@ -343,6 +349,7 @@ def main(argv=None) -> int:
         if name == "final":
             p.add_argument("--cv", type=Path, help="cross-validation folder (sets epochs, fills the card)")
             p.add_argument("--dest", type=Path, help="where to write the .keras and its card")
+            p.add_argument("--fixed-epochs", action="store_true", help="keep --epochs even with --cv")
         if name == "bids":
             p.add_argument("--bids-dir", type=Path, required=True)
             p.add_argument("--labels-dir", type=Path, required=True,
@@ -355,7 +362,8 @@ def main(argv=None) -> int:
         summary = run_cv(args.data, args.out, cfg, args.k, args.folds)
         LOGGER.info("cross-validation mean: %s", json.dumps(summary, indent=1))
     elif args.cmd == "final":
-        LOGGER.info("wrote %s", run_final(args.data, args.out, cfg, args.cv, args.dest))
+        LOGGER.info("wrote %s", run_final(args.data, args.out, cfg, args.cv, args.dest,
+                                                   epochs_from_cv=not args.fixed_epochs))
     else:
         from .bids_data import train_from_bids
         LOGGER.info("wrote %s", train_from_bids(args.bids_dir, args.labels_dir, args.out, cfg, args.init))

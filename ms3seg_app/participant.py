@@ -1,0 +1,173 @@
+"""Participant level: one FLAIR in, BIDS-Derivatives out (all images on the FLAIR's grid)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from . import CLASSES, __version__
+from .bids import FlairInput
+from .derivatives import atomic_save_nifti, atomic_write_json, atomic_write_text, image_like, safe_metadata
+from .lesions import lesion_table, volume_table
+from .stages import brain_mask, coregister_to_flair, load_flair, restrict_to_brain
+
+LOGGER = logging.getLogger("ms3seg.participant")
+PROB_LABELS = {1: "VEN", 2: "NWMH", 3: "AWMH"}
+
+
+def output_paths(fi: FlairInput, output_dir: Path) -> dict[str, Path]:
+    """Every file the participant level writes for one FLAIR."""
+    d = Path(output_dir) / fi.subdir
+    p = fi.prefix
+    out = {
+        "dseg": d / f"{p}_space-orig_desc-trimask_dseg.nii.gz",
+        "dseg_json": d / f"{p}_space-orig_desc-trimask_dseg.json",
+        "mask": d / f"{p}_space-orig_desc-brain_mask.nii.gz",
+        "mask_json": d / f"{p}_space-orig_desc-brain_mask.json",
+        "lesions": d / f"{p}_space-orig_desc-trimask_lesions.tsv",
+        "volumes": d / f"{p}_space-orig_desc-trimask_volumes.tsv",
+        "report": Path(output_dir) / f"{p}.html",
+    }
+    for c, lab in PROB_LABELS.items():
+        out[f"probseg_{lab}"] = d / f"{p}_space-orig_label-{lab}_probseg.nii.gz"
+    for mod in ("T1w", "T2w"):
+        if getattr(fi, mod.lower()) is not None:
+            out[mod] = d / f"{p}_space-orig_desc-coreg_{mod}.nii.gz"
+            out[f"{mod}_json"] = d / f"{p}_space-orig_desc-coreg_{mod}.json"
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_complete(fi: FlairInput, output_dir: Path, model_sha: str) -> bool:
+    """True if every output exists and was made from this input with this model (resume)."""
+    paths = output_paths(fi, output_dir)
+    if not all(p.exists() for p in paths.values()):
+        return False
+    try:
+        side = json.loads(paths["dseg_json"].read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (side.get("SourceSHA256") == _file_sha256(fi.path) and side.get("ModelSHA256") == model_sha)
+
+
+def qc_warnings(img: nib.Nifti1Image, card: dict, probs: np.ndarray, dseg: np.ndarray) -> list[str]:
+    """Warnings for the report: geometry outside training, unusual intensity, low confidence."""
+    w = []
+    z = np.asarray(img.header.get_zooms()[:3], float)
+    ornt = nib.orientations.io_orientation(img.affine)
+    ras_z = [0.0, 0.0, 0.0]
+    for i, (j, _f) in enumerate(ornt):
+        ras_z[int(j)] = z[i]
+    tr = card.get("training_geometry", {"slice_thickness_mm": [4.0, 8.5], "inplane_mm": [0.7, 1.3]})
+    if not tr["slice_thickness_mm"][0] <= ras_z[2] <= tr["slice_thickness_mm"][1]:
+        w.append(f"axial slice thickness {ras_z[2]:.2f} mm is outside the {tr['slice_thickness_mm']} mm "
+                 "the model was trained on; check the segmentation closely")
+    if not (tr["inplane_mm"][0] <= min(ras_z[:2]) and max(ras_z[:2]) <= tr["inplane_mm"][1]):
+        w.append(f"in-plane voxel size {ras_z[0]:.2f}x{ras_z[1]:.2f} mm is outside the trained "
+                 f"{tr['inplane_mm']} mm")
+    fg = dseg > 0
+    if fg.any():
+        low = float((probs.max(axis=-1)[fg] < 0.6).mean())
+        if low > 0.3:
+            w.append(f"{100 * low:.0f}% of the segmented voxels have a winning probability below 0.6 "
+                     "(low confidence)")
+    return w
+
+
+def process_flair(fi: FlairInput, predictor, output_dir: Path, work_dir: Path, skull_strip: str = "auto",
+                  n4: bool = False, reports: bool = True, container: dict | None = None) -> dict:
+    """Run the participant pipeline on one FLAIR and write its derivatives.
+
+    Stages: checks -> (N4) -> brain mask -> segmentation -> lesion analysis ->
+    T1w/T2w co-registration -> derivatives -> report. Outputs are written
+    atomically, the dseg sidecar last, so an interrupted run is redone on resume.
+
+    Returns
+    -------
+    dict summary (prefix, volumes, warnings, seconds).
+
+    Raises
+    ------
+    InputDataError
+        Bad image; nothing is written for this FLAIR.
+    """
+    t0 = time.time()
+    paths = output_paths(fi, output_dir)
+    if is_complete(fi, output_dir, predictor.sha256):
+        LOGGER.info("%s: outputs complete, skipped (resume)", fi.prefix)
+        return {"prefix": fi.prefix, "status": "skipped (complete)"}
+    img, warnings = load_flair(fi.path)
+    ref = nib.load(str(fi.path))
+    work = Path(work_dir) / fi.prefix
+    work.mkdir(parents=True, exist_ok=True)
+    seg_img = img
+    if n4:
+        import ants
+
+        a = ants.from_numpy(np.asarray(img.dataobj, np.float32))
+        seg_img = nib.Nifti1Image(ants.n4_bias_field_correction(a).numpy().astype(np.float32), img.affine, img.header)
+    mask, bet_method = brain_mask(seg_img, skull_strip, work)
+    zooms = img.header.get_zooms()[:3]
+    pred = predictor.predict_image(seg_img, restrict_to_brain(mask, zooms))
+    lesions = lesion_table(pred.dseg, img.affine, mask, pred.probabilities[..., 3])
+    volumes = volume_table(pred.dseg, img.affine, lesions, mask)
+    warnings += qc_warnings(img, predictor.card, pred.probabilities, pred.dseg)
+    coreg = {}
+    for mod in ("T1w", "T2w"):
+        src = getattr(fi, mod.lower())
+        if src is not None:
+            coreg[mod] = coregister_to_flair(src, img, work_dir=work)
+    # ---- derivatives (the dseg sidecar is the completion marker: written last)
+    src_rel = f"bids:raw:{fi.path.name}"
+    model_info = {"ModelName": predictor.card.get("name"), "ModelSHA256": predictor.sha256,
+                  "SkullStripping": bet_method, "N4BiasCorrection": bool(n4),
+                  "SoftwareVersions": predictor.card.get("software", {}) | {"ms3seg_app": __version__},
+                  "Geometry": pred.geometry.to_dict()}
+    atomic_save_nifti(image_like(mask, ref, np.uint8), paths["mask"])
+    atomic_write_json(paths["mask_json"], {"Sources": [src_rel], "Type": "Brain", "Method": bet_method})
+    for c, lab in PROB_LABELS.items():
+        atomic_save_nifti(image_like(pred.probabilities[..., c], ref, np.float32), paths[f"probseg_{lab}"])
+    for mod, (im, method) in coreg.items():
+        atomic_save_nifti(im, paths[mod])
+        atomic_write_json(paths[f"{mod}_json"], {"Sources": [f"bids:raw:{getattr(fi, mod.lower()).name}"],
+                                                 "SpatialReference": src_rel, "RegistrationMethod": method})
+    atomic_write_text(paths["lesions"], lesions.to_csv(sep="\t", index=False, float_format="%.4f"))
+    vrow = {"participant_id": f"sub-{fi.entities['subject']}", "session_id":
+            f"ses-{fi.entities['session']}" if fi.entities.get("session") else "n/a",
+            "acq": fi.entities.get("acquisition") or "n/a", "run": fi.entities.get("run") or "n/a",
+            "flair": fi.path.name, **volumes, "qc_warnings": len(warnings),
+            "slice_thickness_mm": float(sorted(zooms)[-1]), "inplane_mm": float(min(zooms))}
+    import pandas as pd
+
+    atomic_write_text(paths["volumes"], pd.DataFrame([vrow]).to_csv(sep="\t", index=False, float_format="%.6g"))
+    summary = {"prefix": fi.prefix, "volumes": volumes, "warnings": warnings, "status": "ok"}
+    if reports:
+        try:
+            from .reports.individual import write_participant_report
+
+            write_participant_report(paths["report"], fi, img, pred.dseg, lesions, volumes, warnings,
+                                     model_info, safe_metadata(fi.metadata))
+        except Exception:  # a failed report never loses the segmentation (fMRIPrep's rule)
+            LOGGER.exception("%s: the HTML report failed; the derivatives are complete", fi.prefix)
+            summary["warnings"].append("report failed")
+    atomic_write_json(paths["dseg_json"], {
+        "Sources": [src_rel], "SourceSHA256": _file_sha256(fi.path),
+        "Manual": False, "Atlas": "MS3SEG tri-mask",
+        "Labels": {str(i): n for i, (n, _a, _c) in CLASSES.items()},
+        "QCWarnings": warnings, "AcquisitionMetadata": safe_metadata(fi.metadata), **model_info})
+    summary["seconds"] = time.time() - t0
+    LOGGER.info("%s: done in %.1f s (%d lesions, %.2f mL abnormal WMH)", fi.prefix, summary["seconds"],
+                volumes["lesion_count"], volumes["abnormal_wmh_ml"])
+    return summary
