@@ -17,7 +17,7 @@ deep white matter
     are not separated: without an atlas registration it cannot be told reliably on
     20-slice clinical FLAIR.
 
-Distances are Euclidean in mm with the voxel spacing (scipy.ndimage.distance_transform_edt),
+Distances are Euclidean in mm between voxel centres, with the voxel spacing (scipy.ndimage.distance_transform_edt),
 so thick slices count with their real thickness. Lesions are 26-connected components of
 class 3 with a volume of at least ``MIN_LESION_MM3`` = 3 mm³ (Anima's lesion analyser).
 """

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from ms3seg_app.model.losses import MarginalDiceCE, marginal_cross_entropy, marginal_soft_dice
+from ms3seg_app.model.losses import (MarginalDiceCE, exclusion_loss, marginal_cross_entropy,
+                                     marginal_soft_dice)
 from ms3seg_app.training.dataset import pack_targets
 
 
@@ -50,3 +51,26 @@ def test_compound_loss_perfect_prediction_near_zero():
     loss = MarginalDiceCE()
     assert float(loss(y, p)) < 0.05
     assert MarginalDiceCE.from_config(loss.get_config()).dice_weight == 1.0
+
+
+def test_exclusion_loss_penalises_unannotated_class_on_known_foreground():
+    labels = np.zeros((1, 4, 4), np.uint8)
+    labels[0, :2] = 1                                      # known ventricles
+    ann = np.array([[1, 1, 0, 1]], np.float32)             # normal WMH not annotated
+    y = pack_targets(labels, ann)
+    p = np.full((1, 4, 4, 4), 0.25, np.float32)
+    base = float(exclusion_loss(y, p))
+    q = p.copy()
+    q[0, :2, :, 2] = 0.7                                   # NWMH on known ventricles: worse
+    q[0, :2, :, 0] = 0.1
+    q[0, :2, :, 1] = 0.1
+    q[0, :2, :, 3] = 0.1
+    assert float(exclusion_loss(y, q)) > base
+    r = p.copy()
+    r[0, 2:, :, 2] = 0.7                                   # NWMH on background: no information, no change
+    r[0, 2:, :, 0] = 0.1
+    r[0, 2:, :, 1] = 0.1
+    r[0, 2:, :, 3] = 0.1
+    assert float(exclusion_loss(y, r)) == pytest.approx(base)
+    full = pack_targets(labels, np.ones((1, 4), np.float32))
+    assert float(exclusion_loss(full, q)) == 0.0          # nothing unannotated: no term

@@ -94,9 +94,30 @@ def marginal_soft_dice(y_true, y_pred, n_classes: int = 4, smooth: float = 1.0):
     return 1.0 - ops.sum(dice * present) / ops.maximum(ops.sum(present), 1.0)
 
 
+def exclusion_loss(y_true, y_pred, n_classes: int = 4):
+    """Exclusion loss (Shi et al. 2021) for classes not annotated in a sample.
+
+    A voxel labelled with an annotated *foreground* class ``k`` is known not to be
+    any other class, including the unannotated ones: the loss is the mean of
+    ``-log(1 - p_c)`` over those voxels and the unannotated classes ``c``. (Voxels
+    labelled background carry no such information, since background may hide an
+    unannotated class.)
+
+    Returns
+    -------
+    scalar tensor (0 when every class is annotated)
+    """
+    onehot, annotated = split_target(y_true, n_classes)
+    unann = (1.0 - annotated)[..., 1:]
+    known_fg = ops.sum((onehot * annotated)[..., 1:], axis=-1, keepdims=True)  # (N,H,W,1)
+    pen = -ops.log(ops.clip(1.0 - y_pred[..., 1:], EPS, 1.0)) * unann * known_fg
+    denom = ops.maximum(ops.sum(unann * known_fg), 1.0)
+    return ops.sum(pen) / denom
+
+
 @keras.saving.register_keras_serializable(package="ms3seg")
 class MarginalDiceCE(keras.losses.Loss):
-    """Marginal cross-entropy + marginal soft Dice (the Dice+CE compound of nnU-Net).
+    """Marginal cross-entropy + marginal soft Dice (+ exclusion loss), after Shi et al. 2021.
 
     Parameters
     ----------
@@ -104,21 +125,27 @@ class MarginalDiceCE(keras.losses.Loss):
         Cross-entropy class weights.
     dice_weight : float
         Weight of the Dice term.
+    exclusion_weight : float
+        Weight of :func:`exclusion_loss` (0 disables).
     n_classes : int
     """
 
     def __init__(self, class_weights=None, dice_weight: float = 1.0, n_classes: int = 4,
-                 name: str = "marginal_dice_ce", **kwargs):
+                 exclusion_weight: float = 0.0, name: str = "marginal_dice_ce", **kwargs):
         super().__init__(name=name, **kwargs)
         self.class_weights = None if class_weights is None else [float(c) for c in class_weights]
         self.dice_weight = float(dice_weight)
+        self.exclusion_weight = float(exclusion_weight)
         self.n_classes = int(n_classes)
 
     def call(self, y_true, y_pred):
-        ce = marginal_cross_entropy(y_true, y_pred, self.class_weights, self.n_classes)
-        dice = marginal_soft_dice(y_true, y_pred, self.n_classes)
-        return ce + self.dice_weight * dice
+        loss = marginal_cross_entropy(y_true, y_pred, self.class_weights, self.n_classes)
+        loss = loss + self.dice_weight * marginal_soft_dice(y_true, y_pred, self.n_classes)
+        if self.exclusion_weight:
+            loss = loss + self.exclusion_weight * exclusion_loss(y_true, y_pred, self.n_classes)
+        return loss
 
     def get_config(self):
         return {**super().get_config(), "class_weights": self.class_weights,
-                "dice_weight": self.dice_weight, "n_classes": self.n_classes}
+                "dice_weight": self.dice_weight, "exclusion_weight": self.exclusion_weight,
+                "n_classes": self.n_classes}

@@ -22,7 +22,8 @@ class Prediction:
     probabilities : ndarray (I, J, K, 4) float32
         Per-class probabilities on the input voxel grid (stored order), summing to 1.
     dseg : ndarray (I, J, K) uint8
-        Argmax tri-mask 0-3.
+        Tri-mask 0-3: argmax, then the card's post-processing (normal WMH kept only
+        near the ventricles, :mod:`ms3seg_app.trimask`).
     geometry : SliceGeometry
     """
 
@@ -108,5 +109,12 @@ class Predictor:
             outside = ~np.asarray(mask, bool)
             probs[outside] = 0.0
             probs[outside, 0] = 1.0
-        dseg = np.argmax(probs, axis=-1).astype(np.uint8)
+        post = self.card.get("postprocessing", {})
+        if post.get("nwmh_max_ventricle_distance_mm") is not None:
+            from ..trimask import enforce_periventricular_nwmh
+
+            spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+            dseg = enforce_periventricular_nwmh(probs, spacing, post["nwmh_max_ventricle_distance_mm"])
+        else:
+            dseg = np.argmax(probs, axis=-1).astype(np.uint8)
         return Prediction(probs.astype(np.float32), dseg, geom)

@@ -56,6 +56,7 @@ class TrainConfig:
     warmup_epochs: int = 2
     weight_decay: float = 1e-4
     dice_weight: float = 1.0
+    exclusion_weight: float = 1.0
     empty_fraction: float = 0.2
     patience: int = 10
     seed: int = 0
@@ -80,9 +81,14 @@ def default_card(cfg: TrainConfig) -> dict:
                   "range": "[0, clip_max] after normalization"},
         "output": {"shape": [None, None, None, 4], "dtype": "float32", "activation": "softmax"},
         "preprocessing": PREPROCESSING,
+        "postprocessing": {"nwmh_max_ventricle_distance_mm": 5.0,
+                           "description": "normal-WMH components farther than this from the ventricles are "
+                                          "given their next most probable class (ms3seg_app/trimask.py)"},
+        "training_geometry": {"slice_thickness_mm": [4.0, 8.5], "inplane_mm": [0.7, 1.3]},
         "classes": [{"index": i, "name": n, "abbreviation": a, "color": c} for i, (n, a, c) in CLASSES.items()],
         "training": {"config": asdict(cfg),
-                     "loss": "marginal cross-entropy + marginal soft Dice (Shi et al., MedIA 2021)",
+                     "loss": "marginal cross-entropy + marginal soft Dice + exclusion loss "
+                             "(Shi et al., MedIA 2021)",
                      "optimizer": "AdamW, linear warm-up then cosine decay",
                      "augmentation": "LR flip, rotation +-15 deg, scale 0.85-1.15, translation, gamma 0.7-1.5, "
                                      "bias field, contrast, blur, Gaussian noise; random 128x128 crops"},
@@ -133,7 +139,8 @@ def _dice_by_class(pred: np.ndarray, truth: np.ndarray, annotated: np.ndarray) -
     return out
 
 
-def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path | None = None):
+def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path | None = None,
+        init_weights=None):
     """Train one model.
 
     Parameters
@@ -143,6 +150,8 @@ def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path 
         Full-size slices; the weights of the epoch with the best mean validation Dice
         (annotated classes) are kept, and training stops ``cfg.patience`` epochs after it.
     cfg : TrainConfig
+    init_weights : list of arrays, optional
+        Start from these weights (fine-tuning) instead of a random initialisation.
 
     Returns
     -------
@@ -155,6 +164,8 @@ def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path 
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_unet((None, None, 1), base_filters=cfg.base_filters)
+    if init_weights is not None:
+        model.set_weights(init_weights)
     seq = SliceSequence(train, cfg.batch_size, cfg.crop, cfg.seed, empty_fraction=cfg.empty_fraction)
     steps = len(seq)
     total = steps * cfg.epochs
@@ -163,7 +174,7 @@ def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path 
         initial_learning_rate=cfg.lr / 10, decay_steps=max(1, total - warm), alpha=cfg.min_lr / cfg.lr,
         warmup_target=cfg.lr, warmup_steps=warm)
     model.compile(optimizer=keras.optimizers.AdamW(sched, weight_decay=cfg.weight_decay),
-                  loss=MarginalDiceCE(dice_weight=cfg.dice_weight))
+                  loss=MarginalDiceCE(dice_weight=cfg.dice_weight, exclusion_weight=cfg.exclusion_weight))
     history = {"epochs": [], "best_epoch": None, "best_score": -1.0, "steps_per_epoch": steps}
     best_weights = None
 
@@ -205,14 +216,21 @@ def evaluate_volumes(model, card: dict, volumes: list[LabelledVolume], min_lesio
     for v in volumes:
         out = pred.predict_image(v.flair)
         spacing = tuple(float(z) for z in v.flair.header.get_zooms()[:3])
-        for r in evaluate_dseg(out.dseg, v.labels, spacing, annotated=v.annotated,
-                               min_lesion_voxels=min_lesion_voxels):
-            rows.append({"subject": v.subject, "class_name": CLASSES[r["class"]][0], **r})
+        variants = {"post": out.dseg, "raw": np.argmax(out.probabilities, axis=-1).astype(np.uint8)}
+        for variant, dseg in variants.items():
+            for r in evaluate_dseg(dseg, v.labels, spacing, annotated=v.annotated,
+                                   min_lesion_voxels=min_lesion_voxels):
+                rows.append({"subject": v.subject, "class_name": CLASSES[r["class"]][0],
+                             "variant": variant, **r})
     return rows
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Mean (and n) of Dice, HD95, AVD and lesion F1 per class over rows."""
+def summarise(rows: list[dict], variant: str = "post") -> dict:
+    """Mean (and n) of Dice, HD95, AVD and lesion F1 per class over rows.
+
+    ``variant`` selects the card's post-processed masks (``post``) or raw argmax (``raw``).
+    """
+    rows = [r for r in rows if r.get("variant", "post") == variant]
     out = {}
     for c in (1, 2, 3):
         rs = [r for r in rows if r["class"] == c]
@@ -266,7 +284,8 @@ def run_cv(data: Path, out: Path, cfg: TrainConfig, k: int = 3, folds_only: list
         for r in rows:
             r["fold"] = i
         res = {"fold": i, "test": test, "val": val_subj, "best_epoch": hist["best_epoch"],
-               "train_seconds": time.time() - t0, "rows": rows, "summary": summarise(rows)}
+               "train_seconds": time.time() - t0, "rows": rows, "summary": summarise(rows),
+               "summary_raw_argmax": summarise(rows, "raw")}
         (out / f"fold{i}_results.json").write_text(json.dumps(res, indent=1, default=float))
         LOGGER.info("fold %d summary %s", i, res["summary"])
         all_rows += rows
@@ -283,9 +302,11 @@ def collect_cv(cv_dir: Path) -> dict:
         "min_lesion_voxels": 3, "lesion_connectivity": 26,
         "per_fold": [{"fold": f["fold"], "test": f["test"], "best_epoch": f["best_epoch"],
                       "summary": f["summary"]} for f in folds],
-        "per_subject": [{k: r[k] for k in ("fold", "subject", "class_name", "dice", "hd95_mm", "avd")
-                         if k in r} for r in rows],
+        "per_subject": [{k: r[k] for k in ("fold", "subject", "class_name", "dice", "hd95_mm", "avd",
+                                           "lesion_f1") if k in r}
+                        for r in rows if r.get("variant", "post") == "post"],
         "mean": summarise(rows),
+        "mean_raw_argmax": summarise(rows, "raw"),
         "best_epochs": [f["best_epoch"] for f in folds],
     }
 
@@ -343,6 +364,9 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=0)
         if name in ("cv", "final"):
             p.add_argument("--data", type=Path, required=True, help="development data folder")
+        p.add_argument("--exclusion-weight", type=float, default=TrainConfig.exclusion_weight)
+        p.add_argument("--patience", type=int, default=TrainConfig.patience)
+        p.add_argument("--crop", type=int, default=TrainConfig.crop)
         if name == "cv":
             p.add_argument("-k", type=int, default=3)
             p.add_argument("--folds", type=int, nargs="*")
@@ -357,7 +381,8 @@ def main(argv=None) -> int:
             p.add_argument("--init", type=Path, help="weights to fine-tune from")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = TrainConfig(epochs=args.epochs, base_filters=args.base_filters, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, base_filters=args.base_filters, seed=args.seed,
+                      exclusion_weight=args.exclusion_weight, patience=args.patience, crop=args.crop)
     if args.cmd == "cv":
         summary = run_cv(args.data, args.out, cfg, args.k, args.folds)
         LOGGER.info("cross-validation mean: %s", json.dumps(summary, indent=1))
