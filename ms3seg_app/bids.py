@@ -76,7 +76,7 @@ def load_filters(path: Path | None) -> dict:
 
 
 def collect_inputs(bids_dir: Path, participant_labels=None, session_labels=None, filters=None,
-                   layout=None) -> list[FlairInput]:
+                   layout=None) -> tuple[list[FlairInput], list[str]]:
     """Every FLAIR of the selected participants and sessions, with T1w/T2w of the same session.
 
     Parameters
@@ -90,12 +90,13 @@ def collect_inputs(bids_dir: Path, participant_labels=None, session_labels=None,
 
     Returns
     -------
-    list of FlairInput, sorted by path.
+    (inputs, without_flair) : list of FlairInput sorted by path, and the selected
+        participant labels that have no FLAIR (reported and skipped by the caller).
 
     Raises
     ------
     InputDataError
-        If a requested participant does not exist, or no FLAIR matches.
+        If a requested participant does not exist, or no FLAIR matches at all.
     """
     from bids import BIDSLayout
 
@@ -133,4 +134,6 @@ def collect_inputs(bids_dir: Path, participant_labels=None, session_labels=None,
             if len(hits) > 1:
                 LOGGER.warning("%s: %d %s images, using %s", f.path, len(hits), suffix, hits[0])
         out.append(FlairInput(Path(f.path), ents, anat["T1w"], anat["T2w"], f.get_metadata()))
-    return out
+    with_flair = {fi.entities["subject"] for fi in out}
+    without = sorted(set(subjects) - with_flair)
+    return out, without

@@ -135,6 +135,7 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, work_dir: Path, s
                   "SkullStripping": bet_method, "N4BiasCorrection": bool(n4),
                   "SoftwareVersions": predictor.card.get("software", {}) | {"ms3seg_app": __version__},
                   "Geometry": pred.geometry.to_dict()}
+    atomic_save_nifti(image_like(pred.dseg, ref, np.uint8), paths["dseg"])
     atomic_save_nifti(image_like(mask, ref, np.uint8), paths["mask"])
     atomic_write_json(paths["mask_json"], {"Sources": [src_rel], "Type": "Brain", "Method": bet_method})
     for c, lab in PROB_LABELS.items():

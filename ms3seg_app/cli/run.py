@@ -129,8 +129,8 @@ def _participant(opts, run_uuid: str) -> int:
 
     if not opts.skip_bids_validation:
         validate_bids(opts.bids_dir)
-    inputs = collect_inputs(opts.bids_dir, opts.participant_label, opts.session_label,
-                            load_filters(opts.bids_filter_file))
+    inputs, without_flair = collect_inputs(opts.bids_dir, opts.participant_label, opts.session_label,
+                                           load_filters(opts.bids_filter_file))
     device = select_device(opts.device, opts.omp_nthreads)
     from ..model.predict import Predictor
     from ..participant import process_flair
@@ -148,6 +148,11 @@ def _participant(opts, run_uuid: str) -> int:
     LOGGER.log(IMPORTANT, "ms3seg-app %s: %d FLAIR(s), model %s (sha256 %s...), device %s", __version__,
                len(inputs), predictor.card.get("name"), predictor.sha256[:12], device)
     failed, done = [], []
+    for sub in without_flair:
+        msg = "no FLAIR found (sub-%s/[ses-*/]anat/*_FLAIR.nii[.gz]); participant skipped" % sub
+        LOGGER.warning("sub-%s: %s", sub, msg)
+        if opts.participant_label:  # explicitly selected: it did not succeed
+            failed.append((f"sub-{sub}", msg))
     try:
         from tqdm import tqdm
 
