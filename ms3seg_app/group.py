@@ -26,8 +26,11 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         raise InputDataError(f"{output_dir} holds no participant results (*_desc-trimask_volumes.tsv); "
                              "run the participant level first")
     df = pd.concat([pd.read_csv(f, sep="\t", dtype={"participant_id": str, "session_id": str,
-                                                    "acq": str, "run": str}) for f in files],
+                                                    "acq": str, "run": str},
+                                keep_default_na=False, na_values=["n/a", ""]) for f in files],
                    ignore_index=True)
+    for col in ("session_id", "acq", "run"):  # BIDS writes missing entities as n/a
+        df[col] = df[col].fillna("n/a")
     return df.sort_values(["participant_id", "session_id", "acq", "run"]).reset_index(drop=True)
 
 
@@ -36,9 +39,10 @@ def run_group(bids_dir: Path, output_dir: Path) -> Path:
     df = collect_volumes(output_dir)
     pt = Path(bids_dir) / "participants.tsv"
     if pt.is_file():
-        cov = pd.read_csv(pt, sep="\t", dtype={"participant_id": str})
+        cov = pd.read_csv(pt, sep="\t", dtype={"participant_id": str}, keep_default_na=False,
+                          na_values=["n/a", ""])
         df = df.merge(cov, on="participant_id", how="left")
     out = Path(output_dir) / GROUP_TABLE
-    atomic_write_text(out, df.to_csv(sep="\t", index=False, float_format="%.6g"))
+    atomic_write_text(out, df.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a"))
     LOGGER.info("wrote %s (%d rows)", out, len(df))
     return out

@@ -14,7 +14,6 @@ from . import CLASSES, __version__
 from .bids import FlairInput
 from .derivatives import atomic_save_nifti, atomic_write_json, atomic_write_text, image_like, safe_metadata
 from .lesions import lesion_table, volume_table
-from .stages import brain_mask, coregister_to_flair, load_flair, restrict_to_brain
 
 LOGGER = logging.getLogger("ms3seg.participant")
 PROB_LABELS = {1: "VEN", 2: "NWMH", 3: "AWMH"}
@@ -48,6 +47,18 @@ def _file_sha256(path: Path) -> str:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
+    """Delete temporary files a killed run left beside this FLAIR's outputs.
+
+    Only this FLAIR's own temporaries (``.<output name>.*.tmp``) are touched: one FLAIR
+    is processed by one job at a time, so they cannot belong to a live writer.
+    """
+    for p in paths.values():
+        if p.parent.is_dir():
+            for tmp in p.parent.glob(f".{p.name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 def is_complete(fi: FlairInput, output_dir: Path, model_sha: str) -> bool:
@@ -87,12 +98,19 @@ def qc_warnings(img: nib.Nifti1Image, card: dict, probs: np.ndarray, dseg: np.nd
 
 
 def process_flair(fi: FlairInput, predictor, output_dir: Path, work_dir: Path, skull_strip: str = "auto",
-                  n4: bool = False, reports: bool = True, container: dict | None = None) -> dict:
+                  n4: bool = False, reports: bool = True, container: dict | None = None,
+                  model: Path | None = None, allow_unverified: bool = False, tta: bool = True) -> dict:
     """Run the participant pipeline on one FLAIR and write its derivatives.
 
-    Stages: checks -> (N4) -> brain mask -> segmentation -> lesion analysis ->
-    T1w/T2w co-registration -> derivatives -> report. Outputs are written
-    atomically, the dseg sidecar last, so an interrupted run is redone on resume.
+    The stages run as a nipype workflow (:mod:`ms3seg_app.workflow`) cached in
+    ``work_dir``; then the derivatives are written atomically, the dseg sidecar last,
+    so an interrupted run is redone on resume and finished work is skipped.
+
+    Parameters
+    ----------
+    fi : FlairInput
+    predictor : Predictor
+        The loaded model (its card and sha256 are recorded; the segment node reuses it).
 
     Returns
     -------
@@ -101,64 +119,60 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, work_dir: Path, s
     Raises
     ------
     InputDataError
-        Bad image; nothing is written for this FLAIR.
+        Bad image or failing stage; nothing is written for this FLAIR.
     """
+    import pandas as pd
+
+    from .workflow import build_workflow, run_workflow
+
     t0 = time.time()
     paths = output_paths(fi, output_dir)
     if is_complete(fi, output_dir, predictor.sha256):
         LOGGER.info("%s: outputs complete, skipped (resume)", fi.prefix)
         return {"prefix": fi.prefix, "status": "skipped (complete)"}
-    img, warnings = load_flair(fi.path)
+    _remove_stale_temporaries(paths)
+    wf = build_workflow(fi, Path(work_dir), skull_strip, n4, model, allow_unverified, tta)
+    res = run_workflow(wf, Path(work_dir) / "crash")
     ref = nib.load(str(fi.path))
-    work = Path(work_dir) / fi.prefix
-    work.mkdir(parents=True, exist_ok=True)
-    seg_img = img
-    if n4:
-        import ants
-
-        a = ants.from_numpy(np.asarray(img.dataobj, np.float32))
-        seg_img = nib.Nifti1Image(ants.n4_bias_field_correction(a).numpy().astype(np.float32), img.affine, img.header)
-    mask, bet_method = brain_mask(seg_img, skull_strip, work)
+    img = nib.load(res["flair"])
+    warnings = json.loads(Path(res["qc_file"]).read_text())
+    dseg = np.asanyarray(nib.load(res["dseg_file"]).dataobj).astype(np.uint8)
+    probs = np.asanyarray(nib.load(res["probs_file"]).dataobj).astype(np.float32)
+    mask = np.asanyarray(nib.load(res["mask_file"]).dataobj) > 0
+    lesions = pd.read_csv(res["lesions_tsv"], sep="\t")
+    volumes = json.loads(Path(res["volumes_json"]).read_text())
+    warnings += qc_warnings(img, predictor.card, probs, dseg)
     zooms = img.header.get_zooms()[:3]
-    pred = predictor.predict_image(seg_img, restrict_to_brain(mask, zooms))
-    lesions = lesion_table(pred.dseg, img.affine, mask, pred.probabilities[..., 3])
-    volumes = volume_table(pred.dseg, img.affine, lesions, mask)
-    warnings += qc_warnings(img, predictor.card, pred.probabilities, pred.dseg)
-    coreg = {}
-    for mod in ("T1w", "T2w"):
-        src = getattr(fi, mod.lower())
-        if src is not None:
-            coreg[mod] = coregister_to_flair(src, img, work_dir=work)
     # ---- derivatives (the dseg sidecar is the completion marker: written last)
     src_rel = f"bids:raw:{fi.path.name}"
     model_info = {"ModelName": predictor.card.get("name"), "ModelSHA256": predictor.sha256,
-                  "SkullStripping": bet_method, "N4BiasCorrection": bool(n4),
-                  "SoftwareVersions": predictor.card.get("software", {}) | {"ms3seg_app": __version__},
-                  "Geometry": pred.geometry.to_dict()}
-    atomic_save_nifti(image_like(pred.dseg, ref, np.uint8), paths["dseg"])
+                  "SkullStripping": res["method_used"], "N4BiasCorrection": bool(n4),
+                  "SoftwareVersions": predictor.card.get("software", {}) | {"ms3seg_app": __version__}}
+    atomic_save_nifti(image_like(dseg, ref, np.uint8), paths["dseg"])
     atomic_save_nifti(image_like(mask, ref, np.uint8), paths["mask"])
-    atomic_write_json(paths["mask_json"], {"Sources": [src_rel], "Type": "Brain", "Method": bet_method})
+    atomic_write_json(paths["mask_json"], {"Sources": [src_rel], "Type": "Brain", "Method": res["method_used"]})
     for c, lab in PROB_LABELS.items():
-        atomic_save_nifti(image_like(pred.probabilities[..., c], ref, np.float32), paths[f"probseg_{lab}"])
-    for mod, (im, method) in coreg.items():
-        atomic_save_nifti(im, paths[mod])
-        atomic_write_json(paths[f"{mod}_json"], {"Sources": [f"bids:raw:{getattr(fi, mod.lower()).name}"],
-                                                 "SpatialReference": src_rel, "RegistrationMethod": method})
-    atomic_write_text(paths["lesions"], lesions.to_csv(sep="\t", index=False, float_format="%.4f"))
+        atomic_save_nifti(image_like(probs[..., c], ref, np.float32), paths[f"probseg_{lab}"])
+    for mod in ("T1w", "T2w"):
+        if mod in res:
+            atomic_save_nifti(image_like(np.asanyarray(nib.load(res[mod]).dataobj), ref, np.float32), paths[mod])
+            atomic_write_json(paths[f"{mod}_json"], {"Sources": [f"bids:raw:{getattr(fi, mod.lower()).name}"],
+                                                     "SpatialReference": src_rel,
+                                                     "RegistrationMethod": res.get(f"{mod}_method")})
+    atomic_write_text(paths["lesions"], lesions.to_csv(sep="\t", index=False, float_format="%.4f", na_rep="n/a"))
     vrow = {"participant_id": f"sub-{fi.entities['subject']}", "session_id":
             f"ses-{fi.entities['session']}" if fi.entities.get("session") else "n/a",
             "acq": fi.entities.get("acquisition") or "n/a", "run": fi.entities.get("run") or "n/a",
             "flair": fi.path.name, **volumes, "qc_warnings": len(warnings),
             "slice_thickness_mm": float(sorted(zooms)[-1]), "inplane_mm": float(min(zooms))}
-    import pandas as pd
-
-    atomic_write_text(paths["volumes"], pd.DataFrame([vrow]).to_csv(sep="\t", index=False, float_format="%.6g"))
+    atomic_write_text(paths["volumes"], pd.DataFrame([vrow]).to_csv(sep="\t", index=False, float_format="%.6g",
+                                                                       na_rep="n/a"))
     summary = {"prefix": fi.prefix, "volumes": volumes, "warnings": warnings, "status": "ok"}
     if reports:
         try:
             from .reports.individual import write_participant_report
 
-            write_participant_report(paths["report"], fi, img, pred.dseg, lesions, volumes, warnings,
+            write_participant_report(paths["report"], fi, img, dseg, lesions, volumes, warnings,
                                      model_info, safe_metadata(fi.metadata))
         except Exception:  # a failed report never loses the segmentation (fMRIPrep's rule)
             LOGGER.exception("%s: the HTML report failed; the derivatives are complete", fi.prefix)

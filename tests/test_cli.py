@@ -55,8 +55,7 @@ def test_help_and_version(capsys):
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("deriv")
-    rc = main([str(EXAMPLE), str(out), "participant", "--skull-strip", "none", "--skip-bids-validation",
-               "--device", "cpu"])
+    rc = main([str(EXAMPLE), str(out), "participant", "--skull-strip", "none", "--device", "cpu"])
     return rc, out
 
 
@@ -101,9 +100,10 @@ def test_group_table_joins_participants(example_run):
     assert main([str(EXAMPLE), str(out), "group"]) == 0
     import pandas as pd
 
-    df = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t")
+    df = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t", keep_default_na=False)
     assert list(df["participant_id"]) == ["sub-01", "sub-01", "sub-02"]
     assert list(df["age"]) == [34, 34, 52]
+    assert list(df["session_id"]) == ["ses-01", "ses-02", "n/a"]
 
 
 def test_group_without_results_fails_clearly(tmp_path):

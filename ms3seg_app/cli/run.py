@@ -35,6 +35,14 @@ def _setup_logging(verbose: int, quiet: int, log_file: Path | None) -> None:
     h.setLevel(level)
     h.setFormatter(fmt)
     root.addHandler(h)
+    try:  # nipype logs every node at INFO; keep that for -vv
+        from nipype import config as ncfg, logging as nlogging
+
+        ncfg.set("logging", "workflow_level", "INFO" if verbose >= 2 else "WARNING")
+        ncfg.set("logging", "interface_level", "INFO" if verbose >= 2 else "WARNING")
+        nlogging.update_logging(ncfg)
+    except ImportError:  # pragma: no cover
+        pass
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file)
@@ -75,7 +83,9 @@ def validate_bids(bids_dir: Path) -> None:
     """
     from ..exceptions import InputDataError
 
-    exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator")
+    here = Path(sys.executable).parent  # the environment ms3seg is installed in, even if not on PATH
+    exe = (shutil.which("bids-validator-deno") or shutil.which("bids-validator-deno", path=str(here))
+           or shutil.which("bids-validator"))
     if exe is None:
         LOGGER.warning("BIDS validator not found; skipping validation (pip install bids-validator-deno)")
         return
@@ -132,10 +142,10 @@ def _participant(opts, run_uuid: str) -> int:
     inputs, without_flair = collect_inputs(opts.bids_dir, opts.participant_label, opts.session_label,
                                            load_filters(opts.bids_filter_file))
     device = select_device(opts.device, opts.omp_nthreads)
-    from ..model.predict import Predictor
+    from ..model.predict import get_predictor
     from ..participant import process_flair
 
-    predictor = Predictor(opts.model, allow_unverified=opts.allow_unverified_model, tta=not opts.no_tta)
+    predictor = get_predictor(opts.model, allow_unverified=opts.allow_unverified_model, tta=not opts.no_tta)
     container = None
     if os.environ.get("MS3SEG_CONTAINER"):
         container = {"Type": os.environ.get("MS3SEG_CONTAINER"), "Tag": f"ms3seg:{__version__}"}
@@ -162,7 +172,8 @@ def _participant(opts, run_uuid: str) -> int:
     for fi in it:
         try:
             process_flair(fi, predictor, opts.output_dir, work, skull_strip=opts.skull_strip, n4=opts.n4,
-                          reports=not opts.no_reports, container=container)
+                          reports=not opts.no_reports, container=container, model=opts.model,
+                          allow_unverified=opts.allow_unverified_model, tta=not opts.no_tta)
             done.append(fi.prefix)
         except Exception as exc:  # one FLAIR's failure never loses the others
             failed.append((fi.prefix, str(exc)))

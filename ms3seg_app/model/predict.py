@@ -118,3 +118,14 @@ class Predictor:
         else:
             dseg = np.argmax(probs, axis=-1).astype(np.uint8)
         return Prediction(probs.astype(np.float32), dseg, geom)
+
+
+_PREDICTORS: dict = {}
+
+
+def get_predictor(weights=None, allow_unverified: bool = False, tta: bool = True) -> Predictor:
+    """A :class:`Predictor` loaded once per process and reused (nipype nodes, many FLAIRs)."""
+    key = (str(weights) if weights else None, bool(allow_unverified), bool(tta))
+    if key not in _PREDICTORS:
+        _PREDICTORS[key] = Predictor(weights, allow_unverified=allow_unverified, tta=tta)
+    return _PREDICTORS[key]

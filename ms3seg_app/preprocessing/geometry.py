@@ -25,9 +25,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import warnings
+
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+# A 1-D ``matrix`` in scipy's affine_transform means a diagonal map (the fast zoom path);
+# scipy warns that this changed in 0.18, which is the behaviour we rely on.
+warnings.filterwarnings("ignore", message="The behavior of affine_transform with a 1-D array",
+                        category=UserWarning)
 
 from ..exceptions import InputDataError
 

@@ -101,11 +101,9 @@ def train_from_bids(bids_dir: Path, labels_dir: Path, out: Path, cfg, init: Path
     One subject is held out for validation-based model selection. Writes
     ``<out>/<name>.keras`` and its card.
     """
-    import keras
-
     from ..model.card import load_model, write_card
     from .dataset import SliceSet, volume_to_slices
-    from .train import default_card, fit
+    from .train import default_card, fit, save_inference_model
 
     vols = read_bids_labelled(bids_dir, labels_dir)
     card = default_card(cfg)
@@ -125,7 +123,6 @@ def train_from_bids(bids_dir: Path, labels_dir: Path, out: Path, cfg, init: Path
     card["training"]["best_epoch"] = hist["best_epoch"]
     out.mkdir(parents=True, exist_ok=True)
     weights = out / f"{card['name'].replace('-', '_')}.keras"
-    model.save(weights)
+    save_inference_model(model, weights)
     write_card(card, weights)
-    del keras
     return weights

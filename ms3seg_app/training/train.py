@@ -206,6 +206,16 @@ def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path 
     return model, history
 
 
+def save_inference_model(model, path: Path) -> Path:
+    """Save weights and architecture only (no optimizer state: a third of the size)."""
+    import keras
+
+    clean = keras.models.clone_model(model)
+    clean.set_weights(model.get_weights())
+    clean.save(path)
+    return path
+
+
 def evaluate_volumes(model, card: dict, volumes: list[LabelledVolume], min_lesion_voxels: int = 3) -> list[dict]:
     """Predict held-out volumes through the inference path and score them on their own grid."""
     from ..evaluation.metrics import evaluate_dseg
@@ -348,7 +358,7 @@ def run_final(data: Path, out: Path, cfg: TrainConfig, cv_dir: Path | None, dest
     dest = dest or out
     dest.mkdir(parents=True, exist_ok=True)
     weights = dest / f"{card['name'].replace('-', '_')}.keras"
-    model.save(weights)
+    save_inference_model(model, weights)
     write_card(card, weights)
     return weights
 
