@@ -89,3 +89,49 @@ def test_few_training_steps_on_real_slices_lower_the_loss(shared_data):
     m.compile(keras.optimizers.Adam(3e-3), loss=MarginalDiceCE())
     hist = m.fit(x, y, epochs=15, batch_size=6, verbose=0).history["loss"]
     assert np.mean(hist[-3:]) < 0.9 * np.mean(hist[:3])  # training-mode loss falls
+
+
+def _ms3seg_style_unet(filters):
+    """The published MS3SEG U-Net's layer recipe (models/unet.py of Mahdi-Bashiri/MS3SEG):
+    Keras default names, biased convolutions, as a legacy tf.keras .h5 would hold it."""
+    import keras
+    from keras import layers as L
+
+    def block(x, f):
+        for _ in range(2):
+            x = L.Conv2D(f, 3, padding="same", kernel_initializer="he_normal")(x)
+            x = L.BatchNormalization()(x)
+            x = L.Activation("relu")(x)
+        return x
+
+    inp = L.Input((256, 256, 1))
+    skips, x = [], inp
+    for lvl in range(4):
+        x = block(x, filters * 2**lvl)
+        skips.append(x)
+        x = L.MaxPooling2D(2)(x)
+    x = block(x, filters * 16)
+    for lvl in reversed(range(4)):
+        x = L.concatenate([L.UpSampling2D(2)(x), skips[lvl]], axis=-1)
+        x = block(x, filters * 2**lvl)
+    return keras.Model(inp, L.Conv2D(4, 1, activation="softmax")(x))
+
+
+def test_ms3seg_h5_weights_load_through_the_same_path(tmp_path):
+    """A legacy .h5 of the MS3SEG architecture loads via load_model + card and predicts the same."""
+    import json
+
+    from ms3seg_app.model.card import sha256_file
+
+    ref = _ms3seg_style_unet(4)
+    h5 = tmp_path / "ms3seg_unet.h5"
+    ref.save(h5)  # legacy HDF5 format, as tf.keras 2 wrote the published checkpoints
+    card = {"name": "MS3SEG U-Net (published)", "sha256": sha256_file(h5),
+            "architecture": {"type": "unet2d", "base_filters": 4, "depth": 4, "conv_bias": True},
+            "input": {"shape": [None, 256, 256, 1]},
+            "preprocessing": {"pixel_size_mm": 1.0, "slice_size": 256, "normalization": {"method": "minmax"}},
+            "classes": [{"index": i} for i in range(4)]}
+    (tmp_path / "ms3seg_unet_model_card.json").write_text(json.dumps(card))
+    model, _, _ = load_model(h5)
+    x = np.random.default_rng(0).random((1, 256, 256, 1)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x, verbose=0), ref.predict(x, verbose=0), atol=1e-5)

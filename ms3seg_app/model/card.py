@@ -146,7 +146,7 @@ def load_model(weights: Path | str | None = None, allow_unverified: bool = False
         if path.suffix == ".h5":
             model = build_unet(tuple(card["input"]["shape"][1:]), n_classes=len(card["classes"]),
                                base_filters=arch["base_filters"], depth=arch.get("depth", 4),
-                               dropout=0.0)
+                               dropout=0.0, use_bias=arch.get("conv_bias", True))
             model.load_weights(str(path))
         else:
             model = keras.saving.load_model(str(path), compile=False, safe_mode=not allow_unverified)

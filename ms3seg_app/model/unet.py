@@ -12,9 +12,9 @@ import keras
 from keras import layers
 
 
-def _block(x, filters: int, name: str):
+def _block(x, filters: int, name: str, use_bias: bool = False):
     for i in (1, 2):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=use_bias, kernel_initializer="he_normal",
                           name=f"{name}_conv{i}")(x)
         x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
@@ -22,7 +22,7 @@ def _block(x, filters: int, name: str):
 
 
 def build_unet(input_shape: tuple = (256, 256, 1), n_classes: int = 4, base_filters: int = 16,
-               depth: int = 4, dropout: float = 0.1) -> keras.Model:
+               depth: int = 4, dropout: float = 0.1, use_bias: bool = False) -> keras.Model:
     """Build the U-Net.
 
     Parameters
@@ -36,7 +36,10 @@ def build_unet(input_shape: tuple = (256, 256, 1), n_classes: int = 4, base_filt
     depth : int
         Number of max-pools (4 in MS3SEG).
     dropout : float
-        Spatial dropout at the bottleneck (0 disables).
+        Spatial dropout at the bottleneck (0 disables; it holds no weights).
+    use_bias : bool
+        Biases in the 3x3 convolutions. Ours: False (redundant before batch norm);
+        MS3SEG's published U-Net: True (Keras default), needed to load its ``.h5``.
 
     Returns
     -------
@@ -48,15 +51,15 @@ def build_unet(input_shape: tuple = (256, 256, 1), n_classes: int = 4, base_filt
     skips = []
     x = inp
     for level in range(depth):
-        x = _block(x, base_filters * 2**level, f"enc{level}")
+        x = _block(x, base_filters * 2**level, f"enc{level}", use_bias)
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
-    x = _block(x, base_filters * 2**depth, "bottleneck")
+    x = _block(x, base_filters * 2**depth, "bottleneck", use_bias)
     if dropout:
         x = layers.SpatialDropout2D(dropout, name="bottleneck_dropout")(x)
     for level in reversed(range(depth)):
         x = layers.UpSampling2D(2, name=f"up{level}")(x)
         x = layers.Concatenate(name=f"concat{level}")([x, skips[level]])
-        x = _block(x, base_filters * 2**level, f"dec{level}")
+        x = _block(x, base_filters * 2**level, f"dec{level}", use_bias)
     out = layers.Conv2D(n_classes, 1, activation="softmax", dtype="float32", name="trimask")(x)
     return keras.Model(inp, out, name=f"ms3seg_unet{base_filters}")

@@ -74,7 +74,7 @@ def default_card(cfg: TrainConfig) -> dict:
         "architecture": {"type": "unet2d", "reference": "MS3SEG U-Net (Bashiri Bawil et al., Sci Data 2025)",
                          "base_filters": cfg.base_filters, "depth": 4, "block": "conv3x3-BN-ReLU x2",
                          "upsampling": "UpSampling2D + concatenate", "head": "1x1 conv softmax",
-                         "input_channels": 1},
+                         "input_channels": 1, "conv_bias": False},
         "input": {"shape": [None, None, None, 1], "dtype": "float32", "axis_order": "NHWC",
                   "H_axis": "+x (towards Right) of the RAS+-reoriented image",
                   "W_axis": "+y (towards Anterior)", "slice_axis": "+z (Superior)",
