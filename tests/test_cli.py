@@ -123,3 +123,25 @@ def test_bad_subject_fails_alone(tmp_path):
     assert not list((out / "sub-02").rglob("*")) if (out / "sub-02").exists() else True
     crash = list((out / "logs").glob("crash-sub-02-*.txt"))
     assert crash and "sub-02_FLAIR.nii.gz" in crash[0].read_text()
+
+
+def test_participant_and_session_selection(tmp_path):
+    from ms3seg_app.bids import collect_inputs
+
+    inputs, without = collect_inputs(EXAMPLE, ["01"], ["02"])
+    assert [fi.prefix for fi in inputs] == ["sub-01_ses-02"] and without == []
+    inputs, _ = collect_inputs(EXAMPLE, ["01"])
+    assert [fi.prefix for fi in inputs] == ["sub-01_ses-01", "sub-01_ses-02"]
+    assert inputs[0].t1w is not None and inputs[1].t1w is None  # T1w only from the same session
+    inputs, _ = collect_inputs(EXAMPLE)
+    assert [fi.prefix for fi in inputs] == ["sub-01_ses-01", "sub-01_ses-02", "sub-02"]
+    from ms3seg_app.exceptions import InputDataError
+
+    with pytest.raises(InputDataError, match="not found"):
+        collect_inputs(EXAMPLE, ["07"])
+    f = tmp_path / "filter.json"
+    f.write_text('{"flair": {"session": "01"}}')
+    from ms3seg_app.bids import load_filters
+
+    inputs, _ = collect_inputs(EXAMPLE, None, None, load_filters(f))
+    assert [fi.prefix for fi in inputs] == ["sub-01_ses-01"]
