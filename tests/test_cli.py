@@ -145,3 +145,12 @@ def test_participant_and_session_selection(tmp_path):
 
     inputs, _ = collect_inputs(EXAMPLE, None, None, load_filters(f))
     assert [fi.prefix for fi in inputs] == ["sub-01_ses-01"]
+
+
+def test_nprocs_parallel_gives_identical_outputs(example_run, tmp_path):
+    rc, out = example_run
+    par = tmp_path / "par"
+    assert main([str(EXAMPLE), str(par), "participant", "--skull-strip", "none", "--skip-bids-validation",
+                 "--device", "cpu", "--nprocs", "2", "--no-reports"]) == 0
+    for f in sorted(out.rglob("*_desc-trimask_dseg.nii.gz")):
+        assert (par / f.relative_to(out)).read_bytes() == f.read_bytes()

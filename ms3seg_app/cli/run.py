@@ -157,34 +157,69 @@ def _participant(opts, run_uuid: str) -> int:
         "model_sha256": predictor.sha256, "bids_dir": str(opts.bids_dir), "inputs": [str(i.path) for i in inputs]})
     LOGGER.log(IMPORTANT, "ms3seg-app %s: %d FLAIR(s), model %s (sha256 %s...), device %s", __version__,
                len(inputs), predictor.card.get("name"), predictor.sha256[:12], device)
+    if opts.omp_nthreads <= 0 and opts.nprocs > 1:  # share the cores between parallel FLAIRs
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // opts.nprocs))
     failed, done = [], []
     for sub in without_flair:
         msg = "no FLAIR found (sub-%s/[ses-*/]anat/*_FLAIR.nii[.gz]); participant skipped" % sub
         LOGGER.warning("sub-%s: %s", sub, msg)
         if opts.participant_label:  # explicitly selected: it did not succeed
             failed.append((f"sub-{sub}", msg))
-    try:
-        from tqdm import tqdm
+    kwargs = dict(output_dir=opts.output_dir, work_dir=work, skull_strip=opts.skull_strip, n4=opts.n4,
+                  reports=not opts.no_reports, container=container, model=opts.model,
+                  allow_unverified=opts.allow_unverified_model, tta=not opts.no_tta)
+    if opts.nprocs > 1 and len(inputs) > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
 
-        it = tqdm(inputs, disable=not sys.stderr.isatty(), unit="FLAIR")
-    except ImportError:  # pragma: no cover
-        it = inputs
-    for fi in it:
+        # spawn, not fork: TensorFlow is not fork-safe; each worker loads the model once
+        with cf.ProcessPoolExecutor(max_workers=min(opts.nprocs, len(inputs)),
+                                    mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_process_one, fi, kwargs, opts.verbose, opts.quiet): fi for fi in inputs}
+            for fut in cf.as_completed(futs):
+                prefix, err, tb = fut.result()
+                _record(prefix, err, tb, done, failed, opts.output_dir, run_uuid)
+    else:
         try:
-            process_flair(fi, predictor, opts.output_dir, work, skull_strip=opts.skull_strip, n4=opts.n4,
-                          reports=not opts.no_reports, container=container, model=opts.model,
-                          allow_unverified=opts.allow_unverified_model, tta=not opts.no_tta)
-            done.append(fi.prefix)
-        except Exception as exc:  # one FLAIR's failure never loses the others
-            failed.append((fi.prefix, str(exc)))
-            tb = opts.output_dir / "logs" / f"crash-{fi.prefix}-{run_uuid}.txt"
-            tb.write_text(traceback.format_exc())
-            LOGGER.error("%s FAILED: %s (traceback in %s)", fi.prefix, exc, tb)
+            from tqdm import tqdm
+
+            it = tqdm(inputs, disable=not sys.stderr.isatty(), unit="FLAIR")
+        except ImportError:  # pragma: no cover
+            it = inputs
+        for fi in it:
+            prefix, err, tb = _process_one(fi, kwargs, None, None, predictor)
+            _record(prefix, err, tb, done, failed, opts.output_dir, run_uuid)
     if opts.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     LOGGER.log(IMPORTANT, "finished: %d succeeded, %d failed%s", len(done), len(failed),
                "".join(f"\n  {p}: {m}" for p, m in failed))
     return 1 if failed else 0
+
+
+def _process_one(fi, kwargs: dict, verbose, quiet, predictor=None):
+    """Process one FLAIR; never raises: returns (prefix, error message or None, traceback)."""
+    if verbose is not None:  # in a worker process
+        _setup_logging(verbose, quiet, None)
+    try:
+        from ..model.predict import get_predictor
+        from ..participant import process_flair
+
+        if predictor is None:
+            predictor = get_predictor(kwargs["model"], kwargs["allow_unverified"], kwargs["tta"])
+        process_flair(fi, predictor, **kwargs)
+        return fi.prefix, None, None
+    except Exception as exc:  # one FLAIR's failure never loses the others
+        return fi.prefix, str(exc), traceback.format_exc()
+
+
+def _record(prefix, err, tb, done, failed, output_dir: Path, run_uuid: str) -> None:
+    if err is None:
+        done.append(prefix)
+        return
+    failed.append((prefix, err))
+    crash = output_dir / "logs" / f"crash-{prefix}-{run_uuid}.txt"
+    crash.write_text(tb or err)
+    LOGGER.error("%s FAILED: %s (traceback in %s)", prefix, err, crash)
 
 
 if __name__ == "__main__":
