@@ -1,13 +1,26 @@
-"""Group level: one table of every participant's burden (reads derivatives only).
+"""Group level: one burden table for the dataset, QC flags, statistics, longitudinal change.
 
-This is the aggregation core; statistics, longitudinal change and the group HTML
-report are the group-level issue's work.
+Reads only what participant runs wrote in ``output_dir`` (tables and sidecars; images
+only for the longitudinal registration), so it works after cluster jobs of which some
+failed, and scales to thousands of participants.
+
+Outputs (listed in ``.bidsignore``):
+
+- ``group_desc-trimask_volumes.tsv``: one row per FLAIR, every volume and share,
+  lesion counts by location, QC flags, ``participants.tsv`` covariates joined in.
+- ``group_desc-trimask_stats.tsv``: the statistical tests (see :func:`statistics`).
+- ``group_desc-trimask_agebands.tsv``: burden by age band.
+- ``group_desc-trimask_longitudinal.tsv``: change between consecutive sessions.
+- ``group_desc-trimask_qc.tsv``: failed/missing participants and flagged FLAIRs.
+- ``group.html``: the report.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .derivatives import atomic_write_text
@@ -15,34 +28,280 @@ from .exceptions import InputDataError
 
 LOGGER = logging.getLogger("ms3seg.group")
 GROUP_TABLE = "group_desc-trimask_volumes.tsv"
+STATS_TABLE = "group_desc-trimask_stats.tsv"
+AGEBAND_TABLE = "group_desc-trimask_agebands.tsv"
+LONG_TABLE = "group_desc-trimask_longitudinal.tsv"
+QC_TABLE = "group_desc-trimask_qc.tsv"
+KEYS = ["participant_id", "session_id", "acq", "run"]
+BURDEN = ["abnormal_wmh_ml", "normal_wmh_ml", "ventricles_ml",
+          "abnormal_wmh_icv_fraction", "normal_wmh_icv_fraction", "ventricles_icv_fraction"]
+AGE_BANDS = [(18, 29), (30, 39), (40, 49), (50, 59), (60, 200)]
+#: robust z-score (median/MAD) above which a FLAIR is flagged as an outlier
+OUTLIER_Z = 3.5
+
+
+def _tsv(df: pd.DataFrame) -> str:
+    return df.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a")
 
 
 def collect_volumes(output_dir: Path) -> pd.DataFrame:
-    """Concatenate every ``*_desc-trimask_volumes.tsv`` under ``output_dir`` (sorted, deterministic)."""
+    """Concatenate every ``*_desc-trimask_volumes.tsv`` under ``output_dir`` (sorted, deterministic).
+
+    Also reads each FLAIR's dseg sidecar for the source hash and QC warnings.
+
+    Raises
+    ------
+    InputDataError
+        If ``output_dir`` holds no participant results.
+    """
     # A path pattern rather than pybids: these are our own derivative tables with a
     # fixed name, and indexing a large output folder with pybids costs minutes.
     files = sorted(Path(output_dir).glob("sub-*/**/anat/*_space-orig_desc-trimask_volumes.tsv"))
     if not files:
         raise InputDataError(f"{output_dir} holds no participant results (*_desc-trimask_volumes.tsv); "
                              "run the participant level first")
-    df = pd.concat([pd.read_csv(f, sep="\t", dtype={"participant_id": str, "session_id": str,
-                                                    "acq": str, "run": str},
-                                keep_default_na=False, na_values=["n/a", ""]) for f in files],
-                   ignore_index=True)
+    frames = []
+    for f in files:
+        df = pd.read_csv(f, sep="\t", dtype={k: str for k in KEYS}, keep_default_na=False, na_values=["n/a", ""])
+        side = f.with_name(f.name.replace("_desc-trimask_volumes.tsv", "_desc-trimask_dseg.json"))
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        df["source_sha256"] = meta.get("SourceSHA256", "")
+        df["qc_messages"] = "; ".join(meta.get("QCWarnings", []))
+        df["prefix"] = f.name.replace("_space-orig_desc-trimask_volumes.tsv", "")
+        report = Path(output_dir) / f"{df['prefix'].iloc[0]}.html"
+        df["report"] = report.name if report.is_file() else ""
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
     for col in ("session_id", "acq", "run"):  # BIDS writes missing entities as n/a
         df[col] = df[col].fillna("n/a")
-    return df.sort_values(["participant_id", "session_id", "acq", "run"]).reset_index(drop=True)
+    return df.sort_values(KEYS).reset_index(drop=True)
 
 
-def run_group(bids_dir: Path, output_dir: Path) -> Path:
-    """Write ``group_desc-trimask_volumes.tsv`` joined with ``participants.tsv`` covariates."""
+def robust_z(x: pd.Series) -> pd.Series:
+    """(x - median) / (1.4826 MAD); 0 where the MAD is 0 (Iglewicz & Hoaglin 1993)."""
+    x = pd.to_numeric(x, errors="coerce")
+    med = x.median()
+    mad = (x - med).abs().median() * 1.4826
+    if not mad or not np.isfinite(mad):
+        return pd.Series(0.0, index=x.index)
+    return (x - med) / mad
+
+
+def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None) -> pd.DataFrame:
+    """Add QC flag columns.
+
+    - ``qc_duplicate_input``: the same FLAIR content (sha256) under another subject/session;
+    - ``qc_outlier_icv`` / ``qc_outlier_lesion``: robust |z| > 3.5 of ICV / lesion volume
+      (only with >= 5 FLAIRs);
+    - ``qc_geometry``: slice thickness or in-plane size outside what the model saw;
+    - ``qc_flags``: all flags of the row, ``;``-separated (empty if none).
+    """
+    df = df.copy()
+    tg = training_geometry or {"slice_thickness_mm": [4.0, 8.5], "inplane_mm": [0.7, 1.3]}
+    sha = df["source_sha256"].replace("", np.nan)
+    df["qc_duplicate_input"] = sha.notna() & sha.duplicated(keep=False)
+    enough = len(df) >= 5
+    df["qc_outlier_icv"] = enough & (robust_z(df["icv_ml"]).abs() > OUTLIER_Z)
+    df["qc_outlier_lesion"] = enough & (robust_z(df["abnormal_wmh_ml"]).abs() > OUTLIER_Z)
+    th = pd.to_numeric(df.get("slice_thickness_mm"), errors="coerce")
+    ip = pd.to_numeric(df.get("inplane_mm"), errors="coerce")
+    df["qc_geometry"] = ((th < tg["slice_thickness_mm"][0]) | (th > tg["slice_thickness_mm"][1])
+                         | (ip < tg["inplane_mm"][0]) | (ip > tg["inplane_mm"][1]))
+    names = {"qc_duplicate_input": "identical input to another FLAIR", "qc_outlier_icv": "ICV outlier",
+             "qc_outlier_lesion": "lesion-volume outlier", "qc_geometry": "geometry outside training"}
+    df["qc_flags"] = [";".join(v for k, v in names.items() if row[k]) for _, row in df.iterrows()]
+    return df
+
+
+def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """Participants of ``participants.tsv`` without results, and FLAIRs with crash logs."""
+    rows = []
+    done = set(df["prefix"])
+    crashed = set()
+    for crash in sorted((Path(output_dir) / "logs").glob("crash-*.txt")):
+        prefix = crash.name[len("crash-"):].rsplit("-", 2)[0]
+        if prefix in done:  # failed once, succeeded on a later run
+            continue
+        lines = [ln for ln in crash.read_text().splitlines() if ln.strip()]
+        crashed.add(prefix.split("_")[0])
+        rows.append({"participant_id": prefix.split("_")[0], "flair": prefix,
+                     "problem": "failed: " + (lines[-1][:300] if lines else "see " + crash.name)})
+    pt = Path(bids_dir) / "participants.tsv"
+    if pt.is_file():
+        listed = pd.read_csv(pt, sep="\t", dtype=str, keep_default_na=False)["participant_id"]
+        for p in sorted(set(listed) - set(df["participant_id"]) - crashed):
+            rows.append({"participant_id": p, "flair": "n/a", "problem": "no participant-level result"})
+    out = pd.DataFrame(rows, columns=["participant_id", "flair", "problem"])
+    return out.drop_duplicates().sort_values(["participant_id", "flair"]).reset_index(drop=True)
+
+
+def age_band(age) -> str:
+    """MS3SEG/MRI_MS_Insights age bands: 18-29, 30-39, 40-49, 50-59, 60+ (``n/a`` otherwise)."""
+    try:
+        a = float(age)
+    except (TypeError, ValueError):
+        return "n/a"
+    for lo, hi in AGE_BANDS:
+        if lo <= a <= hi + 0.999:
+            return f"{lo}+" if hi >= 200 else f"{lo}-{hi}"
+    return "n/a"
+
+
+def baseline(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per participant (first session, acq, run): the unit of the cross-sectional tests."""
+    return df.sort_values(KEYS).groupby("participant_id", as_index=False).first()
+
+
+def mann_whitney(a, b) -> dict:
+    """Two-sided Mann-Whitney U with effect size r = |Z| / sqrt(N) (Rosenthal 1991).
+
+    Z from the normal approximation with tie correction (scipy's asymptotic p-value).
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    res = stats.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic")
+    n1, n2 = len(a), len(b)
+    ranks = stats.rankdata(np.concatenate([a, b]))
+    _, counts = np.unique(ranks, return_counts=True)
+    n = n1 + n2
+    sigma = np.sqrt(n1 * n2 / 12.0 * ((n + 1) - (counts ** 3 - counts).sum() / (n * (n - 1))))
+    z = (res.statistic - n1 * n2 / 2.0) / sigma if sigma > 0 else 0.0
+    return {"statistic": float(res.statistic), "p": float(res.pvalue), "effect_size": float(abs(z) / np.sqrt(n)),
+            "effect_measure": "r"}
+
+
+def statistics(df: pd.DataFrame, min_group: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cross-sectional statistics on one row per participant (baseline session).
+
+    Tests, each run only where the data allow (``min_group`` participants per group):
+    Spearman correlation of each burden measure with age; Mann-Whitney U by sex (effect
+    size r); Mann-Whitney U (two groups) or Kruskal-Wallis H (more) by the ``group``
+    column; Kruskal-Wallis H across age bands. p-values are Bonferroni-corrected over
+    all tests performed (``p_bonferroni = min(1, p * m)``).
+
+    Returns
+    -------
+    (tests, age_bands) DataFrames. ``age_bands`` holds n, median and IQR of each burden
+    measure per band and the periventricular share of lesion volume.
+    """
+    from scipy import stats
+
+    base = baseline(df)
+    tests = []
+    measures = [m for m in BURDEN if m in base]
+    age = pd.to_numeric(base.get("age"), errors="coerce") if "age" in base else None
+    if age is not None and age.notna().sum() >= min_group:
+        for m in measures:
+            ok = age.notna() & base[m].notna()
+            if ok.sum() >= min_group and base.loc[ok, m].nunique() > 1:
+                rho, p = stats.spearmanr(age[ok], base.loc[ok, m])
+                tests.append({"measure": m, "factor": "age", "test": "Spearman correlation", "n": int(ok.sum()),
+                              "statistic": float(rho), "p": float(p), "effect_size": float(rho),
+                              "effect_measure": "rho"})
+    for factor in ("sex", "group"):
+        if factor not in base:
+            continue
+        levels = [lv for lv, g in base.groupby(factor) if len(g) >= min_group and str(lv) not in ("n/a", "nan")]
+        if len(levels) < 2:
+            continue
+        for m in measures:
+            groups = [base.loc[base[factor] == lv, m].dropna() for lv in levels]
+            if min(len(g) for g in groups) < min_group:
+                continue
+            if len(levels) == 2:
+                r = mann_whitney(*groups)
+                tests.append({"measure": m, "factor": f"{factor} ({levels[0]} vs {levels[1]})",
+                              "test": "Mann-Whitney U", "n": int(sum(map(len, groups))), **r})
+            else:
+                h, p = stats.kruskal(*groups)
+                tests.append({"measure": m, "factor": factor, "test": "Kruskal-Wallis H",
+                              "n": int(sum(map(len, groups))), "statistic": float(h), "p": float(p),
+                              "effect_size": float("nan"), "effect_measure": ""})
+    band_rows = []
+    if age is not None:
+        base = base.assign(age_band=[age_band(a) for a in base["age"]])
+        bands = [b for b, g in base.groupby("age_band") if b != "n/a" and len(g) >= min_group]
+        if len(bands) >= 2:
+            for m in measures:
+                groups = [base.loc[base["age_band"] == b, m].dropna() for b in bands]
+                if min(map(len, groups)) >= min_group:
+                    h, p = stats.kruskal(*groups)
+                    tests.append({"measure": m, "factor": "age band", "test": "Kruskal-Wallis H",
+                                  "n": int(sum(map(len, groups))), "statistic": float(h), "p": float(p),
+                                  "effect_size": float("nan"), "effect_measure": ""})
+        for b, g in base.groupby("age_band"):
+            row = {"age_band": b, "n": len(g)}
+            for m in measures:
+                row[f"{m}_median"] = g[m].median()
+                row[f"{m}_q1"] = g[m].quantile(0.25)
+                row[f"{m}_q3"] = g[m].quantile(0.75)
+            row["periventricular_share_median"] = g["lesion_periventricular_share"].median() \
+                if "lesion_periventricular_share" in g else float("nan")
+            band_rows.append(row)
+    t = pd.DataFrame(tests, columns=["measure", "factor", "test", "n", "statistic", "p", "effect_size",
+                                     "effect_measure"])
+    if len(t):
+        t["p_bonferroni"] = np.minimum(1.0, t["p"] * len(t))
+    else:
+        t["p_bonferroni"] = []
+    return t, pd.DataFrame(band_rows)
+
+
+def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, report: bool = True) -> Path:
+    """Write the group tables (and report) from the participant results in ``output_dir``.
+
+    Returns
+    -------
+    Path of ``group_desc-trimask_volumes.tsv``.
+
+    Raises
+    ------
+    InputDataError
+        If ``output_dir`` holds no participant results.
+    """
+    output_dir = Path(output_dir)
     df = collect_volumes(output_dir)
+    card = _model_card_geometry()
+    df = add_qc_flags(df, card)
     pt = Path(bids_dir) / "participants.tsv"
     if pt.is_file():
         cov = pd.read_csv(pt, sep="\t", dtype={"participant_id": str}, keep_default_na=False,
                           na_values=["n/a", ""])
+        cov = cov.drop(columns=[c for c in cov.columns if c in df.columns and c != "participant_id"])
         df = df.merge(cov, on="participant_id", how="left")
-    out = Path(output_dir) / GROUP_TABLE
-    atomic_write_text(out, df.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a"))
-    LOGGER.info("wrote %s (%d rows)", out, len(df))
+    qc = missing_and_failed(output_dir, bids_dir, df)
+    flagged = df[df["qc_flags"] != ""]
+    qc = pd.concat([qc, pd.DataFrame({"participant_id": flagged["participant_id"],
+                                      "flair": flagged["prefix"],
+                                      "problem": flagged["qc_flags"]})], ignore_index=True)
+    tests, bands = statistics(df)
+    long = pd.DataFrame()
+    if longitudinal:
+        from .longitudinal import longitudinal_changes
+
+        long = longitudinal_changes(df, bids_dir, output_dir)
+    out = output_dir / GROUP_TABLE
+    atomic_write_text(out, _tsv(df))
+    atomic_write_text(output_dir / STATS_TABLE, _tsv(tests))
+    atomic_write_text(output_dir / AGEBAND_TABLE, _tsv(bands))
+    atomic_write_text(output_dir / LONG_TABLE, _tsv(long))
+    atomic_write_text(output_dir / QC_TABLE, _tsv(qc))
+    if report:
+        from .reports.group import write_group_report
+
+        write_group_report(output_dir / "group.html", df, tests, bands, long, qc)
+    LOGGER.info("wrote %s (%d FLAIRs, %d QC entries, %d tests)", out, len(df), len(qc), len(tests))
     return out
+
+
+def _model_card_geometry() -> dict | None:
+    try:
+        from .model.card import bundled_weights, read_card
+
+        return read_card(bundled_weights()).get("training_geometry")
+    except Exception:  # the group level must not depend on a loadable model
+        return None

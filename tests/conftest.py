@@ -34,3 +34,45 @@ def phantom_labels(shape=(64, 60, 12), seed=0) -> np.ndarray:
             cx, cy = rng.uniform(15, shape[0] - 15), rng.uniform(15, shape[1] - 15)
             lab[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r, k] = c
     return lab
+
+
+@pytest.fixture(scope="session")
+def mixed_study(tmp_path_factory, shared_data):
+    """Participant results of a mixed study, for the real-data and group-level tests.
+
+    BIDS dataset: the bids_example phantoms (sub-01 with two sessions, sub-02), three
+    real patients converted to BIDS (sub-104670, sub-112776, sub-105755; manual labels in
+    derivatives/manual), sub-dup (a byte-identical copy of sub-02's FLAIR), sub-bad (a
+    truncated FLAIR) and sub-missing (in participants.tsv, no data).
+
+    Returns (bids_dir, output_dir, manual_labels_dir).
+    """
+    import shutil
+
+    from ms3seg_app.cli.run import main
+    from ms3seg_app.training.bids_data import write_bids
+    from ms3seg_app.training.readers import read_ms3seg_sample, read_trimask_sample
+
+    root = tmp_path_factory.mktemp("study")
+    bids = root / "bids"
+    shutil.copytree(ROOT / "bids_example", bids)
+    vols = [v for v in read_ms3seg_sample(shared_data / "ms3seg_sample") if v.subject in ("104670", "112776")]
+    vols += [v for v in read_trimask_sample(shared_data / "trimask_sample") if v.subject == "105755"]
+    deriv = write_bids(vols, bids)
+    for sub in ("dup", "bad"):
+        (bids / f"sub-{sub}" / "anat").mkdir(parents=True)
+    src = bids / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"
+    shutil.copy(src, bids / "sub-dup" / "anat" / "sub-dup_FLAIR.nii.gz")
+    (bids / "sub-bad" / "anat" / "sub-bad_FLAIR.nii.gz").write_bytes(src.read_bytes()[:5000])
+    (bids / "participants.tsv").write_text(
+        "participant_id\tage\tsex\tgroup\n"
+        "sub-01\t34\tF\tMS\nsub-02\t52\tM\tMS\nsub-dup\t41\tF\tMS\nsub-bad\t29\tM\tMS\n"
+        "sub-missing\t63\tF\tMS\nsub-104670\t38\tF\tMS\nsub-112776\t45\tM\tMS\nsub-105755\t57\tF\tMS\n")
+    out = root / "out"
+    common = ["--skip-bids-validation", "--device", "cpu"]
+    rc1 = main([str(bids), str(out), "participant", "--participant-label", "01", "02", "dup", "bad",
+                "--skull-strip", "none", *common])
+    rc2 = main([str(bids), str(out), "participant", "--participant-label", "104670", "112776", "105755",
+                "--skull-strip", "deepbet", "--no-reports", *common])
+    assert (rc1, rc2) == (1, 0)
+    return bids, out, deriv
