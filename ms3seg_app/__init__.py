@@ -4,7 +4,11 @@ The tri-mask (Bashiri Bawil et al., MS3SEG, Scientific Data 2025) labels every v
 as 0 background, 1 ventricles, 2 normal white-matter hyperintensity (WMH) or
 3 abnormal WMH (MS lesions).
 """
+import os as _os
 from importlib.metadata import PackageNotFoundError, version as _version
+
+# No network at run time: nipype otherwise asks etelemetry for updates on import.
+_os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 try:
     __version__ = _version("ms3seg-app")

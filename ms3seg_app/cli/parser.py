@@ -7,6 +7,48 @@ from pathlib import Path
 from .. import __version__
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: package version, model sha256, and whether FSL and a GPU are found."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_report())
+        parser.exit()
+
+
+def version_report() -> str:
+    """Lines describing this installation (no model is loaded; the card is read)."""
+    import os
+    import shutil
+
+    lines = [f"ms3seg-app {__version__}"]
+    try:
+        from ..model.card import read_card, resolve_weights
+
+        w = resolve_weights(None)
+        card = read_card(w)
+        lines.append(f"model: {card.get('name')} ({w.name}) sha256 {card['sha256']}")
+    except Exception as exc:  # report, never crash --version
+        lines.append(f"model: not found ({exc})")
+    from ..stages import fsl_available
+
+    lines.append("FSL: " + (f"found ({shutil.which('bet')})" if fsl_available() else "not found (deepbet and ANTsPy are used)"))
+    gpu = "not checked (CUDA_VISIBLE_DEVICES is empty)" if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else None
+    if gpu is None:
+        try:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            gpu = f"{len(gpus)} found" if gpus else "none found (TensorFlow runs on the CPU)"
+        except Exception as exc:  # pragma: no cover
+            gpu = f"TensorFlow not importable ({exc})"
+    lines.append(f"GPU: {gpu}")
+    return "\n".join(lines)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ms3seg",
@@ -15,7 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("bids_dir", type=Path, help="root of the BIDS dataset (read only)")
     p.add_argument("output_dir", type=Path, help="BIDS-Derivatives output folder")
     p.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
-    p.add_argument("--version", action="version", version=f"ms3seg-app {__version__}")
+    p.add_argument("--version", action=_VersionAction, help="show version, model sha256, FSL and GPU status")
     g = p.add_argument_group("selecting data")
     g.add_argument("--participant-label", "--participant_label", nargs="+", default=None,
                    help="participant labels, with or without 'sub-' (default: all)")
