@@ -69,3 +69,22 @@ def test_evaluate_command(bids_labelled, tmp_path, capsys):
     assert ven["subject-104252"] == 0.0 and ven["subject-105755"] == 1.0
     assert (df[df["class_name"] == "abnormal WMH"]["lesion_f1"] == 1.0).all()
     assert "mean per class" in capsys.readouterr().out
+
+
+@needs_shared
+def test_train_and_finetune_from_bids(bids_labelled, tmp_path):
+    from ms3seg_app.model.card import load_model
+    from ms3seg_app.training.bids_data import train_from_bids
+    from ms3seg_app.training.train import TrainConfig
+
+    vols, root, deriv = bids_labelled
+    cfg = TrainConfig(base_filters=4, epochs=1, batch_size=4, crop=64, warmup_epochs=0)
+    w = train_from_bids(root, deriv, tmp_path / "m1", cfg)
+    model, card, _ = load_model(w)                       # card written, sha256 verified
+    assert card["training"]["data"]["subjects"] == ["104252", "105755"]
+    assert model.output_shape[-1] == 4
+    cfg2 = TrainConfig(base_filters=16, epochs=1, batch_size=4, crop=64, warmup_epochs=0)
+    w2 = train_from_bids(root, deriv, tmp_path / "m2", cfg2, init=w)   # fine-tune: width from the init card
+    _, card2, _ = load_model(w2)
+    assert card2["architecture"]["base_filters"] == 4
+    assert card2["training"]["data"]["fine_tuned_from"] == str(w)

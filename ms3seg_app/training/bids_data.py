@@ -106,17 +106,17 @@ def train_from_bids(bids_dir: Path, labels_dir: Path, out: Path, cfg, init: Path
     from .train import default_card, fit, save_inference_model
 
     vols = read_bids_labelled(bids_dir, labels_dir)
+    init_weights = None
+    if init is not None:  # fine-tuning: the architecture comes from the initial model's card
+        init_model, init_card, _ = load_model(init)
+        cfg.base_filters = init_card["architecture"]["base_filters"]
+        init_weights = init_model.get_weights()
     card = default_card(cfg)
     pre = card["preprocessing"]
     subjects = sorted({v.subject for v in vols})
     val_subj = subjects[:1] if len(subjects) > 2 else []
     train = SliceSet.concat([volume_to_slices(v, pre) for v in vols if v.subject not in val_subj])
     val = SliceSet.concat([volume_to_slices(v, pre) for v in vols if v.subject in val_subj]) if val_subj else None
-    init_weights = None
-    if init is not None:
-        init_model, init_card, _ = load_model(init)
-        cfg.base_filters = init_card["architecture"]["base_filters"]
-        init_weights = init_model.get_weights()
     model, hist = fit(train, val, cfg, log_path=None, init_weights=init_weights)
     card["training"]["data"] = {"bids_dir": str(bids_dir), "subjects": subjects, "validation": val_subj,
                                 "fine_tuned_from": str(init) if init else None}
