@@ -76,3 +76,16 @@ def mixed_study(tmp_path_factory, shared_data):
                 "--skull-strip", "deepbet", "--no-reports", *common])
     assert (rc1, rc2) == (1, 0)
     return bids, out, deriv
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """An untrained width-4 U-Net with a valid card: fast stand-in for pipeline tests."""
+    from ms3seg_app.model.card import write_card
+    from ms3seg_app.model.unet import build_unet
+    from ms3seg_app.training.train import TrainConfig, default_card
+
+    w = tmp_path_factory.mktemp("model") / "tiny.keras"
+    build_unet((None, None, 1), base_filters=4).save(w)
+    write_card(default_card(TrainConfig(base_filters=4)), w)
+    return w

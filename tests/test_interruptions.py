@@ -19,19 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "bids_example"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from ms3seg_app.model.card import write_card
-    from ms3seg_app.model.unet import build_unet
-    from ms3seg_app.training.train import TrainConfig, default_card
-
-    d = tmp_path_factory.mktemp("model")
-    w = d / "tiny.keras"
-    build_unet((None, None, 1), base_filters=4).save(w)
-    write_card(default_card(TrainConfig(base_filters=4)), w)
-    return w
-
-
 def _cmd(out, model, work, *extra):
     return [sys.executable, "-m", "ms3seg_app", str(EXAMPLE), str(out), "participant", "--skull-strip", "none",
             "--skip-bids-validation", "--no-reports", "--model", str(model), "-w", str(work), *extra]

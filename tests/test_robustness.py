@@ -12,20 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 GOOD = ROOT / "bids_example" / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from ms3seg_app.model.card import write_card
-    from ms3seg_app.model.unet import build_unet
-    from ms3seg_app.training.train import TrainConfig, default_card
-
-    d = tmp_path_factory.mktemp("model")
-    m = build_unet((None, None, 1), base_filters=4)
-    w = d / "tiny.keras"
-    m.save(w)
-    write_card(default_card(TrainConfig(base_filters=4)), w)
-    return w
-
-
 def _dataset(tmp_path: Path, make_bad) -> tuple[Path, Path]:
     bids = tmp_path / "bids"
     (bids / "sub-01" / "anat").mkdir(parents=True)
