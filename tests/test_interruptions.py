@@ -28,7 +28,8 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
-def test_kill_and_resume(tmp_path, tiny_model):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_kill_and_resume(tmp_path, tiny_model, sig):
     out, work = tmp_path / "out", tmp_path / "work"
     first = out / "sub-01" / "ses-01" / "anat" / "sub-01_ses-01_space-orig_desc-trimask_dseg.json"
     proc = subprocess.Popen(_cmd(out, tiny_model, work), env=_env(), stdout=subprocess.DEVNULL,
@@ -36,7 +37,7 @@ def test_kill_and_resume(tmp_path, tiny_model):
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
     assert first.exists(), "the first FLAIR never finished"
     finished = {p: p.read_bytes() for p in first.parent.iterdir()}
