@@ -31,7 +31,10 @@ def test_report_escapes_and_drops_identifying_fields(hostile_dataset, tmp_path, 
     def no_network(*a, **k):
         raise OSError("network access attempted during a run")
 
-    monkeypatch.setattr(socket, "socket", no_network)          # offline: any socket fails loudly
+    # offline: any connection fails loudly (patching the method keeps socket.socket a class,
+    # which libraries such as PySocks subclass at import time)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     out = tmp_path / "out"
     rc = main([str(hostile_dataset), str(out), "participant", "--participant-label", "02",
