@@ -1,7 +1,6 @@
 """Participant level: one FLAIR in, BIDS-Derivatives out (all images on the FLAIR's grid)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -13,7 +12,7 @@ import numpy as np
 from . import CLASSES, __version__
 from .bids import FlairInput
 from .derivatives import atomic_save_nifti, atomic_write_json, atomic_write_text, image_like, safe_metadata
-from .lesions import lesion_table, volume_table
+from .model.card import sha256_file
 
 LOGGER = logging.getLogger("ms3seg.participant")
 PROB_LABELS = {1: "VEN", 2: "NWMH", 3: "AWMH"}
@@ -41,14 +40,6 @@ def output_paths(fi: FlairInput, output_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
     """Delete temporary files a killed run left beside this FLAIR's outputs.
 
@@ -70,17 +61,13 @@ def is_complete(fi: FlairInput, output_dir: Path, model_sha: str) -> bool:
         side = json.loads(paths["dseg_json"].read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (side.get("SourceSHA256") == _file_sha256(fi.path) and side.get("ModelSHA256") == model_sha)
+    return (side.get("SourceSHA256") == sha256_file(fi.path) and side.get("ModelSHA256") == model_sha)
 
 
 def qc_warnings(img: nib.Nifti1Image, card: dict, probs: np.ndarray, dseg: np.ndarray) -> list[str]:
     """Warnings for the report: geometry outside training, unusual intensity, low confidence."""
     w = []
-    z = np.asarray(img.header.get_zooms()[:3], float)
-    ornt = nib.orientations.io_orientation(img.affine)
-    ras_z = [0.0, 0.0, 0.0]
-    for i, (j, _f) in enumerate(ornt):
-        ras_z[int(j)] = z[i]
+    ras_z = [float(z) for z in nib.as_closest_canonical(img).header.get_zooms()[:3]]  # (x, y, z) mm
     tr = card.get("training_geometry", {"slice_thickness_mm": [4.0, 8.5], "inplane_mm": [0.7, 1.3]})
     if not tr["slice_thickness_mm"][0] <= ras_z[2] <= tr["slice_thickness_mm"][1]:
         w.append(f"axial slice thickness {ras_z[2]:.2f} mm is outside the {tr['slice_thickness_mm']} mm "
@@ -178,7 +165,7 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, work_dir: Path, s
             LOGGER.exception("%s: the HTML report failed; the derivatives are complete", fi.prefix)
             summary["warnings"].append("report failed")
     atomic_write_json(paths["dseg_json"], {
-        "Sources": [src_rel], "SourceSHA256": _file_sha256(fi.path),
+        "Sources": [src_rel], "SourceSHA256": sha256_file(fi.path),
         "Manual": False, "Atlas": "MS3SEG tri-mask",
         "Labels": {str(i): n for i, (n, _a, _c) in CLASSES.items()},
         "QCWarnings": warnings, "AcquisitionMetadata": safe_metadata(fi.metadata), **model_info})

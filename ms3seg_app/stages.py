@@ -23,7 +23,7 @@ from .preprocessing import head_mask
 LOGGER = logging.getLogger("ms3seg.stages")
 
 MIN_VOXEL_MM, MAX_VOXEL_MM = 0.1, 12.0
-MIN_DIM, MAX_DIM = 8, 1024
+MAX_DIM = 1024
 
 
 def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
@@ -53,9 +53,9 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
     if data.ndim != 3:
         raise InputDataError(f"{path}: expected a 3D FLAIR volume, got shape {data.shape}. "
                              "Split multi-volume files and give one 3D FLAIR per run.")
-    if min(data.shape) < MIN_DIM and data.shape[2] < 2 or max(data.shape) > MAX_DIM or min(data.shape) < 2:
+    if min(data.shape) < 2 or max(data.shape) > MAX_DIM:
         raise InputDataError(f"{path}: implausible image shape {data.shape} for a brain FLAIR "
-                             f"(each axis {2}..{MAX_DIM}, in-plane >= {MIN_DIM}).")
+                             f"(each axis 2..{MAX_DIM} voxels).")
     zooms = np.asarray(img.header.get_zooms()[:3], float)
     if not np.all(np.isfinite(zooms)) or zooms.min() < MIN_VOXEL_MM or zooms.max() > MAX_VOXEL_MM:
         raise InputDataError(f"{path}: implausible voxel size {tuple(np.round(zooms, 3))} mm "

@@ -144,7 +144,7 @@ def build_workflow(fi, work_dir: Path, skull_strip: str = "auto", n4: bool = Fal
     -------
     nipype.pipeline.engine.Workflow whose ``outputs`` node holds the file paths.
     """
-    from nipype import Function, IdentityInterface, Node, Workflow  # noqa: F401
+    from nipype import Function, IdentityInterface, Node, Workflow
 
     name = "ms3seg_" + fi.prefix.replace("-", "")
     wf = Workflow(name=name, base_dir=str(work_dir))

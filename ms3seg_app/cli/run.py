@@ -5,7 +5,6 @@ kept); 2 usage error; 70 (EX_SOFTWARE) internal error before any FLAIR ran.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

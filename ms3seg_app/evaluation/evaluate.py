@@ -10,7 +10,6 @@ readable table with the per-class mean. Metrics and their definitions:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -38,7 +38,6 @@ def overlay_pngs(img, dseg: np.ndarray, max_slices: int = 40) -> list[dict]:
     ornt = nib.orientations.io_orientation(img.affine)
     f = nib.orientations.apply_orientation(np.asarray(img.dataobj, np.float32), ornt)
     d = nib.orientations.apply_orientation(dseg, ornt)
-    z = np.asarray(nib.orientations.inv_ornt_aff(ornt, img.shape))  # noqa: F841 (geometry kept RAS)
     hi = float(np.percentile(f, 99.5)) or 1.0
     cmap = ListedColormap([CLASSES[i][2] for i in range(4)])
     ks = [k for k in range(d.shape[2]) if (d[:, :, k] > 0).any()][:max_slices]

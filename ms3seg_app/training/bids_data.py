@@ -15,7 +15,6 @@ retrain or fine-tune (``python -m ms3seg_app.training.train bids``).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

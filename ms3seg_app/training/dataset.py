@@ -70,7 +70,6 @@ def png_slices_to_set(slices: list[LabelledSlice], card_pre: dict) -> SliceSet:
         x = normalize(s.image[:, :, None], **card_pre["normalization"])[:, :, 0]
         imgs.append(_centre_fit(x, size))
         labs.append(_centre_fit(s.labels, size))
-    n = len(slices)
     return SliceSet(np.stack(imgs).astype(np.float32), np.stack(labs).astype(np.uint8),
                     np.array([s.annotated for s in slices], np.float32),
                     np.array([s.subject for s in slices]))
