@@ -8,6 +8,12 @@ ARG BASE_IMAGE=nvidia/cuda:12.5.1-base-ubuntu22.04
 FROM ${BASE_IMAGE} AS build
 ARG PIP_EXTRAS=gpu
 ARG WITH_FSL=1
+# Build-time only, empty by default (pip reads them from the environment): a CA bundle for
+# networks that inspect TLS, and a folder of local wheels, both bind-mounted into the build,
+# e.g. buildah bud -v /etc/ssl/certs:/host-certs:ro --build-arg PIP_CERT=/host-certs/ca-certificates.crt
+#                  -v /opt/wheels:/wheels:ro --build-arg PIP_FIND_LINKS=/wheels
+ARG PIP_CERT=
+ARG PIP_FIND_LINKS=
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Distribution versions are not pinned: the same file builds on Ubuntu (CUDA) and Debian bases.
@@ -55,7 +61,9 @@ ENV PATH=/opt/venv/bin:/opt/fsl/bin:$PATH \
     HOME=/tmp MPLCONFIGDIR=/tmp/mpl XDG_CACHE_HOME=/tmp/cache KERAS_HOME=/tmp/keras \
     DENO_DIR=/tmp/deno TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 \
     NIPYPE_NO_ET=1 NO_ET=1 TF_CPP_MIN_LOG_LEVEL=2 MS3SEG_CONTAINER=docker
-RUN ms3seg --version
+# Check the installation; then empty /tmp, whose content podman/docker copy into a --tmpfs
+# /tmp (a root-owned /tmp/mpl left here would be unwritable for the runtime user).
+RUN ms3seg --version && find /tmp -mindepth 1 -delete
 USER 1000:1000
 WORKDIR /tmp
 ENTRYPOINT ["ms3seg"]
