@@ -135,3 +135,30 @@ def test_ms3seg_h5_weights_load_through_the_same_path(tmp_path):
     model, _, _ = load_model(h5)
     x = np.random.default_rng(0).random((1, 256, 256, 1)).astype(np.float32)
     np.testing.assert_allclose(model.predict(x, verbose=0), ref.predict(x, verbose=0), atol=1e-5)
+
+
+def test_inference_model_is_saved_without_optimizer_state(tmp_path):
+    """A trained, compiled model is written with weights only (the bundled file stays small)."""
+    import zipfile
+
+    import h5py
+    import keras
+
+    from ms3seg_app.training.train import save_inference_model
+
+    keras.utils.set_random_seed(0)
+    model = build_unet((None, None, 1), base_filters=4)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
+    x = np.random.default_rng(0).random((2, 32, 32, 1)).astype("float32")
+    y = np.eye(4, dtype="float32")[np.random.default_rng(1).integers(0, 4, (2, 32, 32))]
+    model.fit(x, y, epochs=1, verbose=0)
+    path = save_inference_model(model, tmp_path / "m.keras")
+    with zipfile.ZipFile(path) as z:
+        z.extract("model.weights.h5", tmp_path)
+        assert not json.loads(z.read("config.json")).get("compile_config")
+    with h5py.File(tmp_path / "model.weights.h5") as h:
+        assert "optimizer" not in h
+    model.save(tmp_path / "full.keras")
+    assert path.stat().st_size < 0.5 * (tmp_path / "full.keras").stat().st_size
+    loaded = keras.models.load_model(path, compile=False, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)

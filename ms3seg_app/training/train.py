@@ -58,6 +58,8 @@ class TrainConfig:
     dice_weight: float = 1.0
     exclusion_weight: float = 1.0
     empty_fraction: float = 0.2
+    nwmh_oversample: int = 1
+    nwmh_ce_weight: float = 1.0
     patience: int = 10
     seed: int = 0
 
@@ -166,7 +168,8 @@ def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path 
     model = build_unet((None, None, 1), base_filters=cfg.base_filters)
     if init_weights is not None:
         model.set_weights(init_weights)
-    seq = SliceSequence(train, cfg.batch_size, cfg.crop, cfg.seed, empty_fraction=cfg.empty_fraction)
+    seq = SliceSequence(train, cfg.batch_size, cfg.crop, cfg.seed, empty_fraction=cfg.empty_fraction,
+                        oversample={2: cfg.nwmh_oversample})
     steps = len(seq)
     total = steps * cfg.epochs
     warm = steps * cfg.warmup_epochs
@@ -174,7 +177,9 @@ def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path 
         initial_learning_rate=cfg.lr / 10, decay_steps=max(1, total - warm), alpha=cfg.min_lr / cfg.lr,
         warmup_target=cfg.lr, warmup_steps=warm)
     model.compile(optimizer=keras.optimizers.AdamW(sched, weight_decay=cfg.weight_decay),
-                  loss=MarginalDiceCE(dice_weight=cfg.dice_weight, exclusion_weight=cfg.exclusion_weight))
+                  loss=MarginalDiceCE(class_weights=None if cfg.nwmh_ce_weight == 1.0 else
+                                      [1.0, 1.0, cfg.nwmh_ce_weight, 1.0],
+                                      dice_weight=cfg.dice_weight, exclusion_weight=cfg.exclusion_weight))
     history = {"epochs": [], "best_epoch": None, "best_score": -1.0, "steps_per_epoch": steps}
     best_weights = None
 
@@ -207,10 +212,14 @@ def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path 
 
 
 def save_inference_model(model, path: Path) -> Path:
-    """Save weights and architecture only (no optimizer state: a third of the size)."""
+    """Save weights and architecture only (no optimizer state: a third of the size).
+
+    ``keras.models.clone_model`` of a compiled model comes back compiled, with the
+    optimizer (Keras 3.15), so the model is rebuilt from its config instead.
+    """
     import keras
 
-    clean = keras.models.clone_model(model)
+    clean = keras.Model.from_config(model.get_config())
     clean.set_weights(model.get_weights())
     clean.save(path)
     return path
@@ -255,6 +264,17 @@ def summarise(rows: list[dict], variant: str = "post") -> dict:
     return out
 
 
+def validation_subjects(train_subjects, fully_labelled, slice_owners) -> list[str]:
+    """The inner validation subject of a fold (model selection), as a one-item list.
+
+    The first partially labelled training subject that owns no 2D slices: the fully
+    labelled subjects and the owner of the normal-WMH PNG slices are the only sources of
+    normal-WMH labels, so they stay in training. Never a test subject (no leakage).
+    """
+    partial = [s for s in sorted(train_subjects) if s not in fully_labelled]
+    return ([s for s in partial if s not in slice_owners] or partial)[:1]
+
+
 def _slices_for(vols, pngs, subjects, pre) -> SliceSet:
     sets = [volume_to_slices(v, pre) for v in vols if v.subject in subjects]
     ps = [p for p in pngs if p.subject in subjects]
@@ -282,8 +302,7 @@ def run_cv(data: Path, out: Path, cfg: TrainConfig, k: int = 3, folds_only: list
         if folds_only and i not in folds_only:
             continue
         train_subj = [s for s in subjects if s not in test]
-        # inner validation: the first partially labelled training subject (no test leakage)
-        val_subj = [s for s in sorted(train_subj) if s not in full][:1]
+        val_subj = validation_subjects(train_subj, full, {p.subject for p in pngs})
         fit_subj = [s for s in train_subj if s not in val_subj]
         LOGGER.info("fold %d: test %s, val %s, train %s", i, test, val_subj, fit_subj)
         t0 = time.time()
@@ -377,6 +396,10 @@ def main(argv=None) -> int:
         p.add_argument("--exclusion-weight", type=float, default=TrainConfig.exclusion_weight)
         p.add_argument("--patience", type=int, default=TrainConfig.patience)
         p.add_argument("--crop", type=int, default=TrainConfig.crop)
+        p.add_argument("--nwmh-oversample", type=int, default=TrainConfig.nwmh_oversample,
+                       help="draw slices holding labelled normal WMH this many times per epoch")
+        p.add_argument("--nwmh-ce-weight", type=float, default=TrainConfig.nwmh_ce_weight,
+                       help="cross-entropy weight of normal-WMH voxels (others 1)")
         if name == "cv":
             p.add_argument("-k", type=int, default=3)
             p.add_argument("--folds", type=int, nargs="*")
@@ -392,7 +415,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = TrainConfig(epochs=args.epochs, base_filters=args.base_filters, seed=args.seed,
-                      exclusion_weight=args.exclusion_weight, patience=args.patience, crop=args.crop)
+                      exclusion_weight=args.exclusion_weight, patience=args.patience, crop=args.crop,
+                      nwmh_oversample=args.nwmh_oversample, nwmh_ce_weight=args.nwmh_ce_weight)
     if args.cmd == "cv":
         summary = run_cv(args.data, args.out, cfg, args.k, args.folds)
         LOGGER.info("cross-validation mean: %s", json.dumps(summary, indent=1))
