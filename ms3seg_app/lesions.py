@@ -78,8 +78,8 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
     else:
         d_surf = np.full(dseg.shape, np.inf)
     idx = np.arange(1, n + 1)
-    counts = ndimage.sum_labels(np.ones_like(lab), lab, idx)
-    centroids = np.array(ndimage.center_of_mass(np.ones_like(lab), lab, idx)).reshape(n, 3)
+    counts = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    centroids = np.array(ndimage.center_of_mass(lab > 0, lab, idx)).reshape(n, 3)
     world = (np.c_[centroids, np.ones(n)] @ np.asarray(affine).T)[:, :3]
     dv = ndimage.minimum(d_vent, lab, idx)
     ds = ndimage.minimum(d_surf, lab, idx)

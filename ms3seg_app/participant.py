@@ -52,8 +52,11 @@ def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def is_complete(fi: FlairInput, output_dir: Path, model_sha: str) -> bool:
-    """True if every output exists and was made from this input with this model (resume)."""
+def is_complete(fi: FlairInput, output_dir: Path, model_sha: str, source_sha: str | None = None) -> bool:
+    """True if every output exists and was made from this input with this model (resume).
+
+    ``source_sha`` is the FLAIR's sha256 if the caller has it already (hashed otherwise).
+    """
     paths = output_paths(fi, output_dir)
     if not all(p.exists() for p in paths.values()):
         return False
@@ -61,7 +64,8 @@ def is_complete(fi: FlairInput, output_dir: Path, model_sha: str) -> bool:
         side = json.loads(paths["dseg_json"].read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (side.get("SourceSHA256") == sha256_file(fi.path) and side.get("ModelSHA256") == model_sha)
+    return (side.get("SourceSHA256") == (source_sha or sha256_file(fi.path))
+            and side.get("ModelSHA256") == model_sha)
 
 
 def qc_warnings(img: nib.Nifti1Image, card: dict, probs: np.ndarray, dseg: np.ndarray) -> list[str]:
@@ -114,7 +118,8 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, work_dir: Path, s
 
     t0 = time.time()
     paths = output_paths(fi, output_dir)
-    if is_complete(fi, output_dir, predictor.sha256):
+    source_sha = sha256_file(fi.path)  # once: the resume check and the dseg sidecar
+    if is_complete(fi, output_dir, predictor.sha256, source_sha):
         LOGGER.info("%s: outputs complete, skipped (resume)", fi.prefix)
         return {"prefix": fi.prefix, "status": "skipped (complete)"}
     _remove_stale_temporaries(paths)
@@ -165,7 +170,7 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, work_dir: Path, s
             LOGGER.exception("%s: the HTML report failed; the derivatives are complete", fi.prefix)
             summary["warnings"].append("report failed")
     atomic_write_json(paths["dseg_json"], {
-        "Sources": [src_rel], "SourceSHA256": sha256_file(fi.path),
+        "Sources": [src_rel], "SourceSHA256": source_sha,
         "Manual": False, "Atlas": "MS3SEG tri-mask",
         "Labels": {str(i): n for i, (n, _a, _c) in CLASSES.items()},
         "QCWarnings": warnings, "AcquisitionMetadata": safe_metadata(fi.metadata), **model_info})
