@@ -10,9 +10,11 @@ Command line (``python -m ms3seg_app.training.train --help``)::
 
 Recipe (chosen for a 2-core CPU and ~240 labelled slices): U-Net of base width 16,
 random 128x128 crops of 1 mm slices, batch 8, AdamW with a linear warm-up then cosine
-decay, marginal Dice + cross-entropy (partial labels), strong augmentation, model
-selection on an inner validation subject by mean Dice of the annotated classes. The
-final model is trained on every usable subject for the median best epoch of the folds.
+decay, marginal Dice + cross-entropy (partial labels) + exclusion loss, strong
+augmentation, class-balanced sampling of the rare normal-WMH labels (slices holding them
+drawn 3 times per epoch, their voxels weighted 3 in the cross-entropy), model selection on
+an inner validation subject by mean Dice of the annotated classes. The final model is
+trained on every usable subject for the median best epoch of the folds.
 """
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ class TrainConfig:
     dice_weight: float = 1.0
     exclusion_weight: float = 1.0
     empty_fraction: float = 0.2
-    nwmh_oversample: int = 1
-    nwmh_ce_weight: float = 1.0
+    nwmh_oversample: int = 3
+    nwmh_ce_weight: float = 3.0
     patience: int = 10
     seed: int = 0
 
