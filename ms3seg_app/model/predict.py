@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from ..preprocessing import SliceGeometry, head_mask, normalize
+from ..preprocessing import SliceGeometry, to_model_slices
 from .card import load_model
 
 LOGGER = logging.getLogger("ms3seg.inference")
@@ -97,13 +97,7 @@ class Predictor:
         -------
         Prediction on the input voxel grid.
         """
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        head = head_mask(data)  # once: it centres the slices and sets the intensity scale
-        geom = SliceGeometry.from_image(img, self.pre["pixel_size_mm"], self.pre["slice_size"], centre_on=head)
-        norm = dict(self.pre["normalization"])
-        if norm.get("method", "head_percentile") == "head_percentile":
-            norm["mask"] = head
-        x = geom.forward(normalize(data, **norm), order=1)
+        geom, x = to_model_slices(img, self.pre)
         p = self.predict_slices(x)
         n = p.shape[-1]
         probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..preprocessing import SliceGeometry, head_mask, normalize
+from ..preprocessing import normalize, to_model_slices
 from .readers import LabelledSlice, LabelledVolume
 
 N_CLASSES = 4
@@ -52,13 +52,7 @@ def volume_to_slices(vol: LabelledVolume, card_pre: dict) -> SliceSet:
         The model card's ``preprocessing`` block (``pixel_size_mm``, ``slice_size``,
         ``normalization``).
     """
-    data = np.asarray(vol.flair.dataobj, dtype=np.float32)
-    head = head_mask(data)  # once, as in Predictor.predict_image: centring and intensity scale
-    geom = SliceGeometry.from_image(vol.flair, card_pre["pixel_size_mm"], card_pre["slice_size"], centre_on=head)
-    norm = dict(card_pre["normalization"])
-    if norm.get("method", "head_percentile") == "head_percentile":
-        norm["mask"] = head
-    x = geom.forward(normalize(data, **norm), order=1)
+    geom, x = to_model_slices(vol.flair, card_pre)
     y = geom.forward(vol.labels, order=0)
     n = len(x)
     return SliceSet(x.astype(np.float32), y.astype(np.uint8),
