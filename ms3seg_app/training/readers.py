@@ -28,6 +28,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from ..exceptions import InputDataError
 
@@ -350,3 +351,101 @@ def _display_to_model(a: np.ndarray) -> np.ndarray:
     Left, i.e. x index = W-1-c.
     """
     return np.ascontiguousarray(np.flip(a, axis=(0, 1)).T)
+
+
+#: Lesion-only annotation (external sets): ventricles and normal WMH unknown.
+LESION_ONLY = (True, False, False, True)
+#: Assumed pixel size (mm) of the Mendeley slices, resized to 512x512 from ~240 px
+#: acquisitions without keeping their spacing (external_2d/README.md): ~0.47 mm.
+MENDELEY_PIXEL_MM = 0.47
+
+
+@dataclass
+class SourcedSlice(LabelledSlice):
+    """A :class:`LabelledSlice` with the site/dataset it came from (leave-one-source-out)."""
+
+    source: str = ""
+
+
+def read_mssegsam_coco(root: Path | str) -> list[SourcedSlice]:
+    """Read the ``external_2d/mssegsam_coco`` slices (1 mm MNI, skull-stripped, lesions only).
+
+    Polygons of the COCO file are rasterised with PIL (pixel centres inside the
+    polygon). The JPEG is the MNI slice transposed with anterior on the left
+    (external_2d/README.md): columns are flipped so that they run along +y
+    (anterior) as the model's slices do; rows are MNI x (left-right is randomised
+    by the training flip, so its sign does not matter).
+
+    Parameters
+    ----------
+    root : path
+        Folder holding ``annotations.json`` and ``images/``.
+
+    Returns
+    -------
+    list of SourcedSlice; ``image`` float32 (182, 218), ``labels`` uint8 {0, 3},
+    ``subject`` and ``source`` = the file-name prefix (``MSLesSeg`` or ``PubMRI``).
+
+    Raises
+    ------
+    InputDataError
+        If ``annotations.json`` is missing or not COCO.
+    """
+    import json
+
+    from PIL import Image, ImageDraw
+
+    root = Path(root)
+    ann_p = root / "annotations.json"
+    if not ann_p.is_file():
+        raise InputDataError(f"{root}: annotations.json missing (COCO lesion polygons expected)")
+    coco = json.loads(ann_p.read_text())
+    polys: dict[int, list] = {}
+    for a in coco["annotations"]:
+        polys.setdefault(a["image_id"], []).extend(a["segmentation"])
+    out = []
+    for im in sorted(coco["images"], key=lambda r: r["file_name"]):
+        p = root / "images" / im["file_name"]
+        if not p.is_file():
+            continue
+        img = np.asarray(Image.open(p).convert("L"), np.float32)
+        mask = Image.new("L", (im["width"], im["height"]), 0)
+        draw = ImageDraw.Draw(mask)
+        for poly in polys.get(im["id"], []):
+            if len(poly) >= 6:
+                draw.polygon([(float(x), float(y)) for x, y in zip(poly[0::2], poly[1::2])], fill=1)
+        lab = (np.asarray(mask) > 0).astype(np.uint8) * 3
+        src = im["file_name"].split("_")[0]
+        out.append(SourcedSlice(np.ascontiguousarray(img[:, ::-1]), np.ascontiguousarray(lab[:, ::-1]),
+                                LESION_ONLY, src, p.stem, src))
+    return out
+
+
+def read_mendeley_jpg(root: Path | str, pixel_mm: float = MENDELEY_PIXEL_MM) -> list[SourcedSlice]:
+    """Read the ``external_2d/mendeley_jpg`` slices (whole head, 512x512, lesions only).
+
+    Images are resampled from the assumed ``pixel_mm`` to 1 mm (linear; masks
+    thresholded at 127 then nearest) and turned from radiological display into the
+    model's slice orientation. The raters labelled periventricular caps as lesion,
+    and file names carry no patient id: the set is used for validation only.
+
+    Returns
+    -------
+    list of SourcedSlice, ``source`` = ``"Mendeley"``, ``subject`` = ``"Mendeley"``.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    out = []
+    for p in sorted((root / "images").glob("*.jpg")):
+        mp = root / "masks" / p.name
+        if not mp.is_file():
+            continue
+        img = np.asarray(Image.open(p).convert("L"), np.float32)
+        msk = (np.asarray(Image.open(mp).convert("L")) > 127).astype(np.uint8) * 3
+        zoom = pixel_mm / 1.0
+        img = ndimage.zoom(img, zoom, order=1)
+        msk = ndimage.zoom(msk, zoom, order=0)
+        out.append(SourcedSlice(_display_to_model(img).astype(np.float32), _display_to_model(msk),
+                                LESION_ONLY, "Mendeley", p.stem, "Mendeley"))
+    return out
