@@ -18,8 +18,8 @@ deep white matter
     20-slice clinical FLAIR.
 
 Distances are Euclidean in mm between voxel centres, with the voxel spacing (scipy.ndimage.distance_transform_edt),
-so thick slices count with their real thickness. Lesions are 26-connected components of
-class 3 with a volume of at least ``MIN_LESION_MM3`` = 3 mm³ (Anima's lesion analyser).
+so thick slices count with their real thickness. Lesions are defined once, in
+:mod:`ms3seg_app.lesion_definition` (26-connected, at least 3 mm³).
 """
 from __future__ import annotations
 
@@ -27,12 +27,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .evaluation.metrics import STRUCT26
+from .lesion_definition import LESION
 
 PERIVENTRICULAR_MM = 3.0
 JUXTACORTICAL_MM = 3.0
 CORTEX_MM = 3.0
-MIN_LESION_MM3 = 3.0
 LOCATIONS = ("periventricular", "juxtacortical", "deep")
 
 
@@ -42,8 +41,9 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
 
 
 def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None = None,
-                 awmh_prob: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per abnormal-WMH lesion.
+                 awmh_prob: np.ndarray | None = None, uncertainty: np.ndarray | None = None,
+                 lesion_class: int = 3, ventricle_class: int = 1) -> pd.DataFrame:
+    """One row per abnormal-WMH lesion (:data:`~ms3seg_app.lesion_definition.LESION`).
 
     Parameters
     ----------
@@ -55,21 +55,28 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
         For the juxtacortical test; without it no lesion is called juxtacortical.
     awmh_prob : ndarray (I, J, K) float, optional
         Abnormal-WMH probability for the mean-probability column.
+    uncertainty : ndarray (I, J, K) float, optional
+        Per-voxel disagreement of the ensemble members (standard deviation of their
+        abnormal-WMH probabilities, 0-0.5); the ``uncertainty`` column is its mean over
+        the lesion's voxels, times 2 so that it runs 0 (members agree) to 1 (half the
+        members certain of a lesion, half certain of none). 0 without it.
+    lesion_class, ventricle_class : int
+        Label values of abnormal WMH and ventricles (from the model card).
 
     Returns
     -------
     DataFrame with columns lesion_id, n_voxels, volume_mm3, centroid_x_mm,
-    centroid_y_mm, centroid_z_mm (scanner RAS+), mean_probability,
+    centroid_y_mm, centroid_z_mm (scanner RAS+), mean_probability, uncertainty,
     dist_ventricles_mm, dist_brain_surface_mm, location.
     """
     spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     vox_mm3 = voxel_volume_mm3(affine)
-    lab, n = ndimage.label(dseg == 3, structure=STRUCT26)
+    lab, n = LESION.label(dseg == lesion_class, vox_mm3)
     cols = ["lesion_id", "n_voxels", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
-            "mean_probability", "dist_ventricles_mm", "dist_brain_surface_mm", "location"]
+            "mean_probability", "uncertainty", "dist_ventricles_mm", "dist_brain_surface_mm", "location"]
     if n == 0:
         return pd.DataFrame(columns=cols)
-    vent = dseg == 1
+    vent = dseg == ventricle_class
     d_vent = (ndimage.distance_transform_edt(~vent, sampling=spacing) if vent.any()
               else np.full(dseg.shape, np.inf))
     if brain_mask is not None and np.asarray(brain_mask).any():
@@ -84,27 +91,33 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
     dv = ndimage.minimum(d_vent, lab, idx)
     ds = ndimage.minimum(d_surf, lab, idx)
     mp = ndimage.mean(awmh_prob, lab, idx) if awmh_prob is not None else np.full(n, np.nan)
+    unc = 2.0 * np.asarray(ndimage.mean(uncertainty, lab, idx)) if uncertainty is not None else np.zeros(n)
     rows = []
-    new_id = 0
     for i in range(n):
         vol = float(counts[i] * vox_mm3)
-        if vol < MIN_LESION_MM3:
-            continue
-        new_id += 1
         if dv[i] <= PERIVENTRICULAR_MM:
             loc = "periventricular"
         elif ds[i] <= JUXTACORTICAL_MM + CORTEX_MM:
             loc = "juxtacortical"
         else:
             loc = "deep"
-        rows.append([new_id, int(counts[i]), vol, *map(float, world[i]), float(mp[i]),
+        rows.append([i + 1, int(counts[i]), vol, *map(float, world[i]), float(mp[i]), float(unc[i]),
                      float(dv[i]), float(ds[i]), loc])
     return pd.DataFrame(rows, columns=cols)
 
 
 def volume_table(dseg: np.ndarray, affine: np.ndarray, lesions: pd.DataFrame,
-                 brain_mask: np.ndarray | None = None) -> dict:
+                 brain_mask: np.ndarray | None = None, card=None) -> dict:
     """Burden summary of one FLAIR (one row of the volumes table).
+
+    Parameters
+    ----------
+    dseg : ndarray (I, J, K) uint8 tri-mask
+    affine : ndarray (4, 4) voxel -> RAS+ mm
+    lesions : DataFrame from :func:`lesion_table`
+    brain_mask : ndarray (I, J, K) bool, optional
+    card : ModelCard, optional
+        Gives the label values of VEN, NWMH and AWMH (default 1, 2, 3).
 
     Returns
     -------
@@ -114,10 +127,12 @@ def volume_table(dseg: np.ndarray, affine: np.ndarray, lesions: pd.DataFrame,
     periventricular, juxtacortical and deep lesions (share of lesion volume).
     """
     ml = voxel_volume_mm3(affine) / 1000.0
+    idx = {a: (card.class_index(a) if card is not None else i) for a, i in (("VEN", 1), ("NWMH", 2), ("AWMH", 3))}
+    counts = np.bincount(np.asarray(dseg, np.int64).ravel(), minlength=max(idx.values()) + 1)
     out = {
-        "ventricles_ml": float((dseg == 1).sum() * ml),
-        "normal_wmh_ml": float((dseg == 2).sum() * ml),
-        "abnormal_wmh_ml": float((dseg == 3).sum() * ml),
+        "ventricles_ml": float(counts[idx["VEN"]] * ml),
+        "normal_wmh_ml": float(counts[idx["NWMH"]] * ml),
+        "abnormal_wmh_ml": float(counts[idx["AWMH"]] * ml),
         "lesion_count": int(len(lesions)),
         "icv_ml": float(np.asarray(brain_mask, bool).sum() * ml) if brain_mask is not None else float("nan"),
     }

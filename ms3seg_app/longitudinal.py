@@ -3,13 +3,13 @@
 For each participant with several sessions (sorted by session label), each later FLAIR
 is rigidly registered to the previous one (ANTsPy, mutual information) and its
 tri-mask is resampled onto the earlier grid (nearest label). Then, with 26-connected
-lesions of at least ``MIN_LESION_MM3``:
+lesions as :data:`~ms3seg_app.lesion_definition.LESION` defines them:
 
 new lesion
     a later lesion that overlaps no earlier lesion;
 enlarging lesion
     a later lesion that overlaps earlier lesions and whose volume is at least
-    ``ENLARGE_RATIO`` = 1.5 times theirs, and larger by at least ``MIN_LESION_MM3``.
+    ``ENLARGE_RATIO`` = 1.5 times theirs, and larger by at least the minimum lesion volume.
 
 (These follow the usual MS trial definitions of new/enlarging T2 lesions, simplified:
 no visual confirmation, and the thresholds are stated here rather than assumed.)
@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .evaluation.metrics import STRUCT26
-from .lesions import MIN_LESION_MM3
+from .lesion_definition import LESION
 
 LOGGER = logging.getLogger("ms3seg.longitudinal")
 ENLARGE_RATIO = 1.5
@@ -45,17 +44,14 @@ def lesion_changes(earlier: np.ndarray, later: np.ndarray, voxel_mm3: float) -> 
     -------
     dict with n_new, n_enlarging, new_volume_mm3.
     """
-    min_vox = max(1, int(np.ceil(MIN_LESION_MM3 / voxel_mm3)))
-    le, ne = ndimage.label(earlier, structure=STRUCT26)
-    ll, nl = ndimage.label(later, structure=STRUCT26)
+    le, ne = LESION.label(earlier, voxel_mm3)
+    ll, nl = LESION.label(later, voxel_mm3)
     e_sizes = np.bincount(le.ravel(), minlength=ne + 1)
     n_new = n_enl = 0
     new_vol = 0.0
     for i, sl in enumerate(ndimage.find_objects(ll), start=1):
         comp = ll[sl] == i
         size = int(comp.sum())
-        if size < min_vox:
-            continue
         hits = np.unique(le[sl][comp])
         hits = hits[hits > 0]
         if hits.size == 0:
@@ -63,7 +59,7 @@ def lesion_changes(earlier: np.ndarray, later: np.ndarray, voxel_mm3: float) -> 
             new_vol += size * voxel_mm3
         else:
             before = int(e_sizes[hits].sum())
-            if size >= ENLARGE_RATIO * before and (size - before) * voxel_mm3 >= MIN_LESION_MM3:
+            if size >= ENLARGE_RATIO * before and (size - before) * voxel_mm3 >= LESION.min_volume_mm3:
                 n_enl += 1
     return {"n_new_lesions": n_new, "n_enlarging_lesions": n_enl, "new_lesion_volume_mm3": new_vol}
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .evaluation.metrics import STRUCT26
+from .lesion_definition import LESION
 
 NWMH_MAX_VENTRICLE_DISTANCE_MM = 5.0
 
 
 def enforce_periventricular_nwmh(probs: np.ndarray, spacing, max_distance_mm: float = NWMH_MAX_VENTRICLE_DISTANCE_MM,
-                                 ) -> np.ndarray:
+                                 nwmh: int = 2, ventricles: int = 1) -> np.ndarray:
     """Tri-mask from probabilities, with normal WMH kept only near the ventricles.
 
     Parameters
@@ -29,27 +29,29 @@ def enforce_periventricular_nwmh(probs: np.ndarray, spacing, max_distance_mm: fl
         Voxel size in mm along I, J, K.
     max_distance_mm : float
         Largest distance (mm) between a normal-WMH component and the ventricles.
+    nwmh, ventricles : int
+        Label values of the normal-WMH and ventricle classes (from the model card).
 
     Returns
     -------
     ndarray (I, J, K) uint8 tri-mask.
     """
     dseg = np.argmax(probs, axis=-1).astype(np.uint8)
-    nwmh = dseg == 2
-    if not nwmh.any():
+    nwmh_mask = dseg == nwmh
+    if not nwmh_mask.any():
         return dseg
-    vent = dseg == 1
+    vent = dseg == ventricles
     if vent.any():
         dist = ndimage.distance_transform_edt(~vent, sampling=spacing)
     else:
         dist = np.full(dseg.shape, np.inf)
-    lab, n = ndimage.label(nwmh, structure=STRUCT26)
+    lab, n = ndimage.label(nwmh_mask, structure=LESION.structure())
     mins = ndimage.minimum(dist, lab, np.arange(1, n + 1))
     far = np.zeros(n + 1, bool)
     far[1:] = np.asarray(mins) > max_distance_mm
     move = far[lab]
     if move.any():
         alt = probs[move].copy()
-        alt[:, 2] = -1.0
+        alt[:, nwmh] = -1.0
         dseg[move] = np.argmax(alt, axis=-1).astype(np.uint8)
     return dseg

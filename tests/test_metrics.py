@@ -37,10 +37,10 @@ def test_lesion_wise_counts_26_connectivity_and_min_size():
     p[18, 18, 18] = True             # 1 voxel: below min size, ignored
     p[0, 0, 0] = True
     p[1, 1, 1] = True                # diagonal neighbour of (0,0,0): one 26-connected 2-voxel lesion, ignored
-    r = lesion_wise(p, t, min_voxels=3)
+    r = lesion_wise(p, t, voxel_mm3=1.0)  # 3 mm³ = 3 voxels of 1 mm³
     assert (r["n_true_lesions"], r["n_pred_lesions"]) == (2, 2)
     assert r["ltpr"] == 0.5 and r["lfpr"] == 0.5 and r["lesion_f1"] == pytest.approx(0.5)
-    r1 = lesion_wise(p, t, min_voxels=1)
+    r1 = lesion_wise(p, t, voxel_mm3=3.0)  # voxels of 3 mm³: every component is a lesion
     assert r1["n_pred_lesions"] == 4  # diagonal pair is one lesion under 26-connectivity
 
 

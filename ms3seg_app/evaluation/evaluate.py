@@ -42,8 +42,10 @@ def find_pairs(pred_dir: Path, truth_dir: Path, pred_desc: str = "trimask", trut
     return sorted(pairs)
 
 
-def evaluate_pairs(pairs, min_lesion_voxels: int = 3) -> pd.DataFrame:
+def evaluate_pairs(pairs) -> pd.DataFrame:
     """Metrics of each (key, pred, truth, annotated) pair; rows per class.
+
+    Lesion-wise metrics use :data:`ms3seg_app.lesion_definition.LESION`.
 
     Raises
     ------
@@ -58,7 +60,7 @@ def evaluate_pairs(pairs, min_lesion_voxels: int = 3) -> pd.DataFrame:
         if p.shape != t.shape:
             raise InputDataError(f"{pp} {p.shape} and {tp} {t.shape} are not on the same grid")
         spacing = tuple(float(z) for z in ti.header.get_zooms()[:3])
-        for r in evaluate_dseg(p, t, spacing, annotated=ann, min_lesion_voxels=min_lesion_voxels):
+        for r in evaluate_dseg(p, t, spacing, annotated=ann):
             rows.append({"flair": key, "class_name": CLASSES[r["class"]][0], **r})
     return pd.DataFrame(rows)
 
@@ -70,7 +72,6 @@ def main(argv=None) -> int:
     ap.add_argument("truth_dir", type=Path, nargs="?", help="derivatives with *_desc-manual_dseg")
     ap.add_argument("--pair", nargs=2, action="append", metavar=("PRED", "TRUTH"), default=[])
     ap.add_argument("--out", type=Path, default=Path("evaluation.tsv"), help="TSV to write")
-    ap.add_argument("--min-lesion-voxels", type=int, default=3)
     a = ap.parse_args(argv)
     pairs = [(Path(p).name, Path(p), Path(t), (True,) * 4) for p, t in a.pair]
     if a.pred_dir and a.truth_dir:
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     if not pairs:
         ap.error("nothing to compare: give pred_dir and truth_dir with matching dseg files, or --pair")
     try:
-        df = evaluate_pairs(pairs, a.min_lesion_voxels)
+        df = evaluate_pairs(pairs)
     except InputDataError as exc:
         print(f"ms3seg-evaluate: {exc}", file=sys.stderr)
         return 1

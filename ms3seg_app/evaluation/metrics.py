@@ -8,8 +8,8 @@ MSSEG-1, Sci Rep 2018; Maier-Hein et al., "Metrics reloaded", Nat Methods 2024):
   voxels of a mask that touch its complement (6-connectivity), distances by the
   Euclidean distance transform with the voxel spacing (scipy.ndimage).
 - Absolute volume difference AVD = |Vp - Vt| / Vt.
-- Lesion-wise: connected components with 26-connectivity, components smaller than
-  ``min_lesion_voxels`` ignored on both sides. A true lesion is detected if any of
+- Lesion-wise: lesions as :data:`ms3seg_app.lesion_definition.LESION` defines them
+  (26-connected, at least 3 mm³), on both sides. A true lesion is detected if any of
   its voxels is predicted; a predicted lesion is a false positive if none of its
   voxels is in the truth. LTPR = detected / true lesions, LFPR = false-positive /
   predicted lesions, lesion F1 = 2 LTPR (1-LFPR) / (LTPR + 1 - LFPR).
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-STRUCT26 = np.ones((3, 3, 3), bool)
+from ..lesion_definition import LESION, LesionDefinition
 
 
 def overlap(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -70,39 +70,25 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> float:
     return float(np.percentile(d, 95))
 
 
-def label_lesions(mask: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, int]:
-    """26-connected components of a binary mask, dropping those under ``min_voxels``.
-
-    Returns
-    -------
-    (labels, n) : ndarray (I, J, K) int32 numbered 1..n consecutively, and n.
-    """
-    lab, n = ndimage.label(np.asarray(mask, bool), structure=STRUCT26)
-    if n and min_voxels > 1:
-        sizes = np.bincount(lab.ravel())
-        small = sizes < min_voxels
-        small[0] = False
-        lab[small[lab]] = 0
-        lab, n = ndimage.label(lab > 0, structure=STRUCT26)
-    return lab.astype(np.int32), int(n)
-
-
-def lesion_wise(pred: np.ndarray, truth: np.ndarray, min_voxels: int = 3) -> dict:
-    """Lesion-wise detection: LTPR, LFPR, lesion F1 (26-connectivity).
+def lesion_wise(pred: np.ndarray, truth: np.ndarray, voxel_mm3: float,
+                definition: LesionDefinition = LESION) -> dict:
+    """Lesion-wise detection: LTPR, LFPR, lesion F1.
 
     Parameters
     ----------
     pred, truth : ndarray (I, J, K) bool
-    min_voxels : int
-        Components smaller than this are ignored on both sides (default 3 voxels).
+    voxel_mm3 : float
+        Voxel volume (mm³), for the minimum lesion size.
+    definition : LesionDefinition
+        What a lesion is (default: the one definition of ms3seg-app).
 
     Returns
     -------
     dict with n_true, n_pred, tp_true (true lesions hit), fp_pred (predicted lesions
     with no overlap), ltpr, lfpr, lesion_f1 (NaN where undefined).
     """
-    lt, nt = label_lesions(truth, min_voxels)
-    lp, npred = label_lesions(pred, min_voxels)
+    lt, nt = definition.label(truth, voxel_mm3)
+    lp, npred = definition.label(pred, voxel_mm3)
     hit_true = len(np.setdiff1d(np.unique(lt[lp > 0]), [0]))
     hit_pred = len(np.setdiff1d(np.unique(lp[lt > 0]), [0]))
     fp = npred - hit_pred
@@ -120,7 +106,7 @@ def lesion_wise(pred: np.ndarray, truth: np.ndarray, min_voxels: int = 3) -> dic
 
 
 def evaluate_dseg(pred: np.ndarray, truth: np.ndarray, spacing, classes=(1, 2, 3),
-                  annotated=None, min_lesion_voxels: int = 3) -> list[dict]:
+                  annotated=None, lesion_definition: LesionDefinition = LESION) -> list[dict]:
     """All metrics of a predicted tri-mask against a manual one.
 
     Parameters
@@ -130,8 +116,8 @@ def evaluate_dseg(pred: np.ndarray, truth: np.ndarray, spacing, classes=(1, 2, 3
     classes : classes to score
     annotated : sequence of 4 bool, optional
         Classes not annotated in ``truth`` are skipped (their rows are omitted).
-    min_lesion_voxels : int
-        For the lesion-wise metrics of class 3.
+    lesion_definition : LesionDefinition
+        For the lesion-wise metrics of class 3 (default: :data:`LESION`).
 
     Returns
     -------
@@ -147,6 +133,6 @@ def evaluate_dseg(pred: np.ndarray, truth: np.ndarray, spacing, classes=(1, 2, 3
         row["volume_pred_ml"] = row.pop("volume_pred_voxels") * voxel_ml
         row["volume_true_ml"] = row.pop("volume_true_voxels") * voxel_ml
         if c == 3:
-            row.update(lesion_wise(p, t, min_lesion_voxels))
+            row.update(lesion_wise(p, t, float(np.prod(spacing)), lesion_definition))
         rows.append(row)
     return rows
