@@ -97,31 +97,57 @@ def read_bids_labelled(bids_dir: Path, labels_dir: Path) -> list[LabelledVolume]
 def train_from_bids(bids_dir: Path, labels_dir: Path, out: Path, cfg, init: Path | None = None) -> Path:
     """Train (or fine-tune from ``init``) on a BIDS dataset with manual dseg derivatives.
 
-    One subject is held out for validation-based model selection. Writes
-    ``<out>/<name>.keras`` and its card.
+    One subject is held out for validation-based model selection. Fine-tuning inherits
+    the whole initial card (preprocessing, class table, architecture with its depth and
+    biases: an MS3SEG ``.h5`` can be fine-tuned) and fine-tunes every member of an
+    ensemble.
+
+    Parameters
+    ----------
+    bids_dir, labels_dir : Path
+        Raw dataset and the derivatives with ``*_desc-manual_dseg.nii.gz``.
+    out : Path
+        Output folder.
+    cfg : TrainConfig
+    init : Path, optional
+        A card or weights file to fine-tune from.
+
+    Returns
+    -------
+    Path of the written card (``<out>/<name>_model_card.json``).
     """
-    from ..model.card import load_model, write_card
+    import copy
+
+    from ..model.card import card_path_for, load_model, write_card, write_ensemble_card
     from .dataset import SliceSet, volume_to_slices
     from .train import default_card, fit, save_inference_model
 
     vols = read_bids_labelled(bids_dir, labels_dir)
-    init_weights = None
-    if init is not None:  # fine-tuning: the architecture comes from the initial model's card
-        init_model, init_card, _ = load_model(init)
-        cfg.base_filters = init_card["architecture"]["base_filters"]
-        init_weights = init_model.get_weights()
-    card = default_card(cfg)
+    if init is not None:
+        init_models, init_card = load_model(init)
+        card = {k: copy.deepcopy(v) for k, v in init_card.data.items()
+                if k not in ("sha256", "weights_file", "members", "cross_validation")}
+        card["name"] = f"{init_card.name}-finetuned"
+        card["training"] = dict(card.get("training", {}), config=default_card(cfg)["training"]["config"])
+    else:
+        init_models, card = [None], default_card(cfg)
     pre = card["preprocessing"]
     subjects = sorted({v.subject for v in vols})
     val_subj = subjects[:1] if len(subjects) > 2 else []
     train = SliceSet.concat([volume_to_slices(v, pre) for v in vols if v.subject not in val_subj])
     val = SliceSet.concat([volume_to_slices(v, pre) for v in vols if v.subject in val_subj]) if val_subj else None
-    model, hist = fit(train, val, cfg, log_path=None, init_weights=init_weights)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = card["name"].replace("-", "_")
+    members, best = [], []
+    for i, init_model in enumerate(init_models):
+        model, hist = fit(train, val, cfg, log_path=None, init_model=init_model)
+        suffix = f"_member{i}" if len(init_models) > 1 else ""
+        members.append(save_inference_model(model, out / f"{stem}{suffix}.keras"))
+        best.append(hist["best_epoch"])
     card["training"]["data"] = {"bids_dir": str(bids_dir), "subjects": subjects, "validation": val_subj,
                                 "fine_tuned_from": str(init) if init else None}
-    card["training"]["best_epoch"] = hist["best_epoch"]
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / f"{card['name'].replace('-', '_')}.keras"
-    save_inference_model(model, weights)
-    write_card(card, weights)
-    return weights
+    card["training"]["best_epoch"] = best
+    if len(members) == 1:
+        write_card(card, members[0])
+        return card_path_for(members[0])
+    return write_ensemble_card(card, members, out / f"{stem}_model_card.json")

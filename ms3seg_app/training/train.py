@@ -30,19 +30,27 @@ from pathlib import Path
 import numpy as np
 
 from .. import CLASSES, __version__
+from ..lesion_definition import LESION
 from .dataset import SliceSequence, SliceSet, png_slices_to_set, volume_to_slices
-from .readers import LabelledVolume, read_ms3seg_sample, read_normal_wmh_png, read_trimask_sample
+from .readers import (LabelledVolume, read_ms3seg_sample, read_mendeley_jpg, read_mssegsam_coco,
+                      read_normal_wmh_png, read_trimask_sample)
 
 LOGGER = logging.getLogger("ms3seg.training")
 
 PREPROCESSING = {
     "pixel_size_mm": 1.0,
     "slice_size": 256,
-    "normalization": {"method": "head_percentile", "upper_percentile": 99.0, "clip_max": 1.5},
+    "normalization": {"method": "tissue_mode", "mode_value": 1.0, "clip_max": 4.0},
     "reorientation": "closest canonical RAS+ by axis permutation/flip (no interpolation); axial slices",
     "inplane_interpolation": "linear (image), nearest (labels); probabilities back by linear interpolation then argmax",
-    "skull_stripped_input": False,
+    "skull_stripped_input": "either: the tissue-mode anchor is the same with and without skull",
 }
+
+#: External 2D sources held out whole, one per cross-validation fold (leave-one-source-out):
+#: fold i trains without ``EXTERNAL_HOLDOUT[i]`` and is scored on it. ``Mendeley`` is
+#: never trained on (its raters label caps as lesion, and it has no patient ids).
+EXTERNAL_HOLDOUT = {0: "MSLesSeg", 1: "PubMRI"}
+VALIDATION_ONLY_SOURCES = ("Mendeley",)
 
 
 @dataclass
@@ -50,7 +58,7 @@ class TrainConfig:
     """Hyper-parameters of one training run."""
 
     base_filters: int = 16
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 8
     crop: int = 128
     lr: float = 2e-3
@@ -62,7 +70,8 @@ class TrainConfig:
     empty_fraction: float = 0.2
     nwmh_oversample: int = 3
     nwmh_ce_weight: float = 3.0
-    patience: int = 10
+    patience: int = 15
+    external_per_epoch: int = 64
     seed: int = 0
 
 
@@ -72,7 +81,7 @@ def default_card(cfg: TrainConfig) -> dict:
     import tensorflow as tf
 
     return {
-        "name": f"ms3seg-app-unet{cfg.base_filters}",
+        "name": f"ms3seg-app-unet{cfg.base_filters}-v2",
         "version": __version__,
         "format": "keras",
         "architecture": {"type": "unet2d", "reference": "MS3SEG U-Net (Bashiri Bawil et al., Sci Data 2025)",
@@ -104,7 +113,7 @@ def default_card(cfg: TrainConfig) -> dict:
 
 # ------------------------------------------------------------------ data
 def load_development_data(root: Path | str) -> tuple[list[LabelledVolume], list]:
-    """All labelled volumes and 2D slices under the development data folder.
+    """All labelled volumes and home-scanner 2D slices under the development data folder.
 
     Returns
     -------
@@ -114,6 +123,32 @@ def load_development_data(root: Path | str) -> tuple[list[LabelledVolume], list]
     vols = read_ms3seg_sample(root / "ms3seg_sample") + read_trimask_sample(root / "trimask_sample")
     pngs = read_normal_wmh_png(root / "normal_wmh_png") if (root / "normal_wmh_png").is_dir() else []
     return vols, pngs
+
+
+def load_external_data(root: Path | str) -> list:
+    """Lesion-labelled 2D slices of other sites (``external_2d``; empty if absent).
+
+    Returns
+    -------
+    list of SourcedSlice (sources ``MSLesSeg``, ``PubMRI``, ``Mendeley``).
+    """
+    ext = Path(root) / "external_2d"
+    out = []
+    if (ext / "mssegsam_coco").is_dir():
+        out += read_mssegsam_coco(ext / "mssegsam_coco")
+    if (ext / "mendeley_jpg").is_dir():
+        out += read_mendeley_jpg(ext / "mendeley_jpg")
+    return out
+
+
+def external_set(slices: list, sources, pre: dict) -> SliceSet:
+    """The external slices of ``sources`` as a SliceSet (mssegsam is skull-stripped already)."""
+    sets = []
+    for src in sources:
+        ss = [s for s in slices if s.source == src]
+        if ss:
+            sets.append(png_slices_to_set(ss, pre, skull_stripped=src in ("MSLesSeg", "PubMRI")))
+    return SliceSet.concat(sets) if sets else None
 
 
 def make_folds(subjects: list[str], fully_labelled: list[str], k: int = 3, seed: int = 0) -> list[list[str]]:
@@ -144,7 +179,7 @@ def _dice_by_class(pred: np.ndarray, truth: np.ndarray, annotated: np.ndarray) -
 
 
 def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path | None = None,
-        init_weights=None):
+        init_model=None):
     """Train one model.
 
     Parameters
@@ -154,8 +189,9 @@ def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path 
         Full-size slices; the weights of the epoch with the best mean validation Dice
         (annotated classes) are kept, and training stops ``cfg.patience`` epochs after it.
     cfg : TrainConfig
-    init_weights : list of arrays, optional
-        Start from these weights (fine-tuning) instead of a random initialisation.
+    init_model : keras.Model, optional
+        Fine-tune this network: its architecture (depth, width, biases) and weights are
+        cloned, instead of a new U-Net of ``cfg.base_filters``.
 
     Returns
     -------
@@ -167,11 +203,13 @@ def fit(train: SliceSet, val: SliceSet | None, cfg: TrainConfig, log_path: Path 
     from ..model.unet import build_unet
 
     keras.utils.set_random_seed(cfg.seed)
-    model = build_unet((None, None, 1), base_filters=cfg.base_filters)
-    if init_weights is not None:
-        model.set_weights(init_weights)
+    if init_model is not None:
+        model = keras.models.clone_model(init_model)
+        model.set_weights(init_model.get_weights())
+    else:
+        model = build_unet((None, None, 1), base_filters=cfg.base_filters)
     seq = SliceSequence(train, cfg.batch_size, cfg.crop, cfg.seed, empty_fraction=cfg.empty_fraction,
-                        oversample={2: cfg.nwmh_oversample})
+                        oversample={2: cfg.nwmh_oversample}, external_per_epoch=cfg.external_per_epoch)
     steps = len(seq)
     total = steps * cfg.epochs
     warm = steps * cfg.warmup_epochs
@@ -227,7 +265,7 @@ def save_inference_model(model, path: Path) -> Path:
     return path
 
 
-def evaluate_volumes(model, card: dict, volumes: list[LabelledVolume], min_lesion_voxels: int = 3) -> list[dict]:
+def evaluate_volumes(model, card: dict, volumes: list[LabelledVolume]) -> list[dict]:
     """Predict held-out volumes through the inference path and score them on their own grid."""
     from ..evaluation.metrics import evaluate_dseg
     from ..model.predict import Predictor
@@ -239,8 +277,7 @@ def evaluate_volumes(model, card: dict, volumes: list[LabelledVolume], min_lesio
         spacing = tuple(float(z) for z in v.flair.header.get_zooms()[:3])
         variants = {"post": out.dseg, "raw": np.argmax(out.probabilities, axis=-1).astype(np.uint8)}
         for variant, dseg in variants.items():
-            for r in evaluate_dseg(dseg, v.labels, spacing, annotated=v.annotated,
-                                   min_lesion_voxels=min_lesion_voxels):
+            for r in evaluate_dseg(dseg, v.labels, spacing, annotated=v.annotated):
                 rows.append({"subject": v.subject, "class_name": CLASSES[r["class"]][0],
                              "variant": variant, **r})
     return rows
@@ -285,10 +322,54 @@ def _slices_for(vols, pngs, subjects, pre) -> SliceSet:
     return SliceSet.concat(sets)
 
 
+def evaluate_external(model, card: dict, slices: SliceSet) -> dict:
+    """Lesion (abnormal-WMH) agreement on labelled 2D slices of other sites, per source.
+
+    Parameters
+    ----------
+    model : keras.Model
+    card : dict
+    slices : SliceSet of lesion-labelled external slices (normalised, model size)
+
+    Returns
+    -------
+    dict source -> {"n_slices", "dice" (pooled over the source's slices), "precision",
+    "recall", "volume_ratio" (predicted / manual lesion area)}.
+    """
+    from ..model.predict import Predictor
+
+    prob = Predictor.from_model(model, card).predict_slices(slices.images)
+    pred = prob.argmax(-1) == 3
+    truth = slices.labels == 3
+    out = {}
+    for src in sorted(set(slices.sources)):
+        sel = slices.sources == src
+        p, t = pred[sel], truth[sel]
+        tp, ps, ts = float(np.logical_and(p, t).sum()), float(p.sum()), float(t.sum())
+        out[src] = {"n_slices": int(sel.sum()), "dice": 2 * tp / (ps + ts) if ps + ts else 1.0,
+                    "precision": tp / ps if ps else float("nan"), "recall": tp / ts if ts else float("nan"),
+                    "volume_ratio": ps / ts if ts else float("nan")}
+    return out
+
+
 def run_cv(data: Path, out: Path, cfg: TrainConfig, k: int = 3, folds_only: list[int] | None = None) -> dict:
-    """k-fold subject-level cross-validation; writes ``splits.json``, per-fold results and a summary."""
+    """k-fold subject-level cross-validation with leave-one-source-out on the external slices.
+
+    Fold ``i`` holds out its test subjects and the external source
+    ``EXTERNAL_HOLDOUT[i]`` (if any); ``Mendeley`` is never trained on. Each fold's
+    model is saved (``fold<i>.keras`` with its card): the folds are the members of the
+    shipped ensemble (nnU-Net's recipe), and :func:`run_ensemble` assembles them.
+    Writes ``splits.json``, ``fold<i>_history.json`` and ``fold<i>_results.json``.
+
+    Returns
+    -------
+    dict: summary of the folds run, per class.
+    """
+    from ..model.card import write_card
+
     out.mkdir(parents=True, exist_ok=True)
     vols, pngs = load_development_data(data)
+    ext = load_external_data(data)
     subjects = [v.subject for v in vols]
     full = [v.subject for v in vols if all(v.annotated)]
     split_file = out / "splits.json"
@@ -296,29 +377,48 @@ def run_cv(data: Path, out: Path, cfg: TrainConfig, k: int = 3, folds_only: list
         folds = json.loads(split_file.read_text())["folds"]
     else:
         folds = make_folds(subjects, full, k, cfg.seed)
-        split_file.write_text(json.dumps({"folds": folds, "note": "test subjects per fold; "
-                                          "normal_wmh_png slices belong to their subject"}, indent=1))
+        split_file.write_text(json.dumps({"folds": folds, "external_holdout": EXTERNAL_HOLDOUT,
+                                          "validation_only_sources": VALIDATION_ONLY_SOURCES,
+                                          "note": "test subjects per fold; normal_wmh_png slices belong to "
+                                                  "their subject"}, indent=1))
     card = default_card(cfg)
+    pre = card["preprocessing"]
+    ext_sources = sorted({s.source for s in ext})
     all_rows = []
     for i, test in enumerate(folds):
         if folds_only and i not in folds_only:
             continue
+        held = EXTERNAL_HOLDOUT.get(i)
         train_subj = [s for s in subjects if s not in test]
         val_subj = validation_subjects(train_subj, full, {p.subject for p in pngs})
         fit_subj = [s for s in train_subj if s not in val_subj]
-        LOGGER.info("fold %d: test %s, val %s, train %s", i, test, val_subj, fit_subj)
+        train_ext = [s for s in ext_sources if s != held and s not in VALIDATION_ONLY_SOURCES]
+        LOGGER.info("fold %d: test %s + source %s, val %s, train %s + sources %s", i, test, held, val_subj,
+                    fit_subj, train_ext)
         t0 = time.time()
-        model, hist = fit(_slices_for(vols, pngs, fit_subj, card["preprocessing"]),
-                          _slices_for(vols, [], val_subj, card["preprocessing"]), cfg,
+        train_set = _slices_for(vols, pngs, fit_subj, pre)
+        ext_train = external_set(ext, train_ext, pre)
+        if ext_train is not None:
+            train_set = SliceSet.concat([train_set, ext_train])
+        model, hist = fit(train_set, _slices_for(vols, [], val_subj, pre), cfg,
                           log_path=out / f"fold{i}_history.json")
+        weights = out / f"fold{i}.keras"
+        save_inference_model(model, weights)
+        fcard = dict(card, name=f"{card['name']}-fold{i}")
+        fcard["training"] = dict(card["training"], fold=i, test_subjects=test, validation_subjects=val_subj,
+                                 train_subjects=fit_subj, external_sources=train_ext, held_out_source=held)
+        write_card(fcard, weights)
         rows = evaluate_volumes(model, card, [v for v in vols if v.subject in test])
         for r in rows:
             r["fold"] = i
-        res = {"fold": i, "test": test, "val": val_subj, "best_epoch": hist["best_epoch"],
+        unseen = [s for s in ext_sources if s not in train_ext]
+        ext_eval = evaluate_external(model, card, external_set(ext, unseen, pre)) if unseen else {}
+        res = {"fold": i, "test": test, "val": val_subj, "held_out_source": held,
+               "external_unseen": ext_eval, "best_epoch": hist["best_epoch"],
                "train_seconds": time.time() - t0, "rows": rows, "summary": summarise(rows),
                "summary_raw_argmax": summarise(rows, "raw")}
         (out / f"fold{i}_results.json").write_text(json.dumps(res, indent=1, default=float))
-        LOGGER.info("fold %d summary %s", i, res["summary"])
+        LOGGER.info("fold %d summary %s external %s", i, res["summary"], ext_eval)
         all_rows += rows
     return summarise(all_rows)
 
@@ -330,7 +430,7 @@ def collect_cv(cv_dir: Path) -> dict:
     return {
         "scheme": f"{len(folds)}-fold subject-level cross-validation; inner validation subject for model selection",
         "splits": json.loads((cv_dir / "splits.json").read_text())["folds"],
-        "min_lesion_voxels": 3, "lesion_connectivity": 26,
+        "lesion_definition": LESION.to_dict(),
         "per_fold": [{"fold": f["fold"], "test": f["test"], "best_epoch": f["best_epoch"],
                       "summary": f["summary"]} for f in folds],
         "per_subject": [{k: r[k] for k in ("fold", "subject", "class_name", "dice", "hd95_mm", "avd",
@@ -402,6 +502,8 @@ def main(argv=None) -> int:
                        help="draw slices holding labelled normal WMH this many times per epoch")
         p.add_argument("--nwmh-ce-weight", type=float, default=TrainConfig.nwmh_ce_weight,
                        help="cross-entropy weight of normal-WMH voxels (others 1)")
+        p.add_argument("--external-per-epoch", type=int, default=TrainConfig.external_per_epoch,
+                       help="external (other-site) slices drawn per epoch")
         if name == "cv":
             p.add_argument("-k", type=int, default=3)
             p.add_argument("--folds", type=int, nargs="*")
@@ -418,7 +520,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = TrainConfig(epochs=args.epochs, base_filters=args.base_filters, seed=args.seed,
                       exclusion_weight=args.exclusion_weight, patience=args.patience, crop=args.crop,
-                      nwmh_oversample=args.nwmh_oversample, nwmh_ce_weight=args.nwmh_ce_weight)
+                      nwmh_oversample=args.nwmh_oversample, nwmh_ce_weight=args.nwmh_ce_weight,
+                      external_per_epoch=args.external_per_epoch)
     if args.cmd == "cv":
         summary = run_cv(args.data, args.out, cfg, args.k, args.folds)
         LOGGER.info("cross-validation mean: %s", json.dumps(summary, indent=1))
