@@ -1,4 +1,4 @@
-"""Writing BIDS-Derivatives: atomic files, names, top-level metadata.
+"""Writing BIDS-Derivatives: the names of every output, atomic files, clean headers, top-level metadata.
 
 Every file appears atomically: it is written to a temporary name in the destination
 folder and renamed (``os.replace``), so a killed run never leaves a partial file.
@@ -15,11 +15,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import CLASSES, __version__
+from . import __version__
 
 PIPELINE_NAME = "ms3seg-app"
-BIDSIGNORE = ["*.html", "*_lesions.tsv", "*_volumes.tsv", "*_volumes.json", "*_lesions.json",
-              "logs/", "figures/", "group_*"]
+BIDSIGNORE = ["*.html", "*_lesions.tsv", "*_volumes.tsv", "logs/", "models/", "group_*"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -76,20 +75,151 @@ def atomic_save_nifti(img: nib.Nifti1Image, path: Path) -> Path:
     return atomic_write_bytes(path, payload)
 
 
-def image_like(data: np.ndarray, ref: nib.Nifti1Image, dtype) -> nib.Nifti1Image:
-    """A NIfTI on the reference grid: same shape, affine, qform/sform codes."""
-    hdr = ref.header.copy() if isinstance(ref, nib.Nifti1Image) else None
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), ref.affine, hdr)
-    img.set_data_dtype(dtype)
-    qf, qc = ref.get_qform(coded=True) if isinstance(ref, nib.Nifti1Image) else (None, 0)
-    sf, sc = ref.get_sform(coded=True) if isinstance(ref, nib.Nifti1Image) else (None, 0)
-    img.set_qform(ref.affine, int(qc) or 1)
-    img.set_sform(ref.affine, int(sc) or 1)
-    img.header["scl_slope"] = np.nan
-    img.header["scl_inter"] = np.nan
+def image_like(data: np.ndarray, ref: nib.spatialimages.SpatialImage, dtype) -> nib.Nifti1Image:
+    """A NIfTI on the reference grid with a clean header: geometry only.
+
+    The header is built new (as fMRIPrep does): shape, voxel sizes, spatial/temporal
+    units, and the reference's qform and sform with their codes (a code of 0 stays 0).
+    Nothing else is copied: no ``descrip``, ``aux_file``, ``intent_name``, ``db_name``
+    and no header extensions, since these free-text fields can carry identifying data
+    (names, birth dates) written by converters.
+
+    Parameters
+    ----------
+    data : ndarray (I, J, K), same shape as ``ref``
+    ref : nibabel image (the input FLAIR)
+    dtype : numpy dtype of the stored voxels
+
+    Returns
+    -------
+    Nifti1Image
+    """
+    arr = np.asarray(data).astype(dtype, copy=False)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(dtype)
+    img = nib.Nifti1Image(arr, None, hdr)
+    if isinstance(ref, nib.Nifti1Image):
+        qf, qc = ref.get_qform(coded=True)
+        sf, sc = ref.get_sform(coded=True)
+        space_u, time_u = ref.header.get_xyzt_units()
+        # NIfTI coordinates are millimetres unless said otherwise; "unknown" is written as mm
+        img.header.set_xyzt_units("mm" if space_u == "unknown" else space_u,
+                                  "sec" if time_u == "unknown" else time_u)
+    else:  # other formats carry one affine: record it as scanner coordinates
+        qf, qc, sf, sc = ref.affine, 1, ref.affine, 1
+        img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(qf if qc else None, int(qc) if qc else 0)
+    img.set_sform(sf if sc else None, int(sc) if sc else 0)
+    if not qc and not sc:  # unreachable for checked inputs; keep geometry rather than lose it
+        img.set_sform(ref.affine, 1)
+    img.header.set_zooms(tuple(float(z) for z in ref.header.get_zooms()[:3]))
+    img.header.set_slope_inter(np.nan, np.nan)
     img.header["cal_min"] = 0
     img.header["cal_max"] = 0
+    img.header["descrip"] = f"{PIPELINE_NAME} {__version__}".encode()[:80]
     return img
+
+
+def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """A probability map stored compactly: uint8 with ``scl_slope`` 1/255.
+
+    Parameters
+    ----------
+    prob : ndarray (I, J, K) float in [0, 1]
+    ref : nibabel image (the input FLAIR)
+
+    Returns
+    -------
+    Nifti1Image whose scaled data equal ``prob`` within 0.5/255; exact zeros stay 0.
+    """
+    q = np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+    img = image_like(q, ref, np.uint8)
+    img.header.set_slope_inter(1.0 / 255.0, 0.0)
+    return img
+
+
+# ---------------------------------------------------------------- names
+#: BIDS-Derivatives path of every per-FLAIR image and table (pybids ``build_path`` syntax).
+PATH_PATTERN = ("sub-{subject}[/ses-{session}]/anat/sub-{subject}[_ses-{session}][_acq-{acquisition}]"
+                "[_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_space-{space}][_label-{label}]"
+                "[_desc-{desc}]_{suffix}{extension}")
+#: The participant report, at the top of the output folder (as fMRIPrep's).
+REPORT_PATTERN = ("sub-{subject}[_ses-{session}][_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}]"
+                  "[_run-{run}].html")
+NAME_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run")
+#: Group-level outputs, at the top of the output folder.
+GROUP_OUTPUTS = {"volumes": "group_desc-trimask_volumes.tsv", "stats": "group_desc-trimask_stats.tsv",
+                 "agebands": "group_desc-trimask_agebands.tsv",
+                 "longitudinal": "group_desc-trimask_longitudinal.tsv", "qc": "group_desc-trimask_qc.tsv",
+                 "report": "group.html"}
+CRASH_PREFIX = "crash-"
+
+
+def _build(entities: dict, pattern: str, **extra) -> str:
+    from bids.layout.writing import build_path
+
+    ents = {k: entities[k] for k in NAME_ENTITIES if entities.get(k) is not None}
+    ents.update(extra)
+    path = build_path(ents, [pattern], strict=False)
+    if path is None:
+        raise ValueError(f"cannot name an output from entities {ents}")
+    return path
+
+
+def flair_outputs(entities: dict, output_dir: Path, probseg_labels=(), modalities=()) -> dict[str, Path]:
+    """Every file the participant level writes for one FLAIR: the one place outputs are named.
+
+    Parameters
+    ----------
+    entities : dict
+        BIDS entities of the input FLAIR (``subject``, optional ``session``,
+        ``acquisition``, ``ceagent``, ``reconstruction``, ``run``).
+    output_dir : Path
+    probseg_labels : sequence of str
+        Abbreviations of the classes with a probability map (the card's foreground).
+    modalities : sequence of str
+        Co-registered anatomicals written (``"T1w"``, ``"T2w"``).
+
+    Returns
+    -------
+    dict key -> Path. Keys: ``dseg``, ``dseg_json``, ``mask``, ``mask_json``,
+    ``probseg_<LABEL>`` and ``probseg_<LABEL>_json``, ``lesions``, ``volumes``,
+    ``<modality>`` and ``<modality>_json``, ``report``. The dseg sidecar is written last
+    and marks the FLAIR complete.
+    """
+    out_dir = Path(output_dir)
+    specs = {
+        "dseg": dict(space="orig", desc="trimask", suffix="dseg", extension=".nii.gz"),
+        "mask": dict(space="orig", desc="brain", suffix="mask", extension=".nii.gz"),
+        "lesions": dict(space="orig", desc="trimask", suffix="lesions", extension=".tsv"),
+        "volumes": dict(space="orig", desc="trimask", suffix="volumes", extension=".tsv"),
+    }
+    for lab in probseg_labels:
+        specs[f"probseg_{lab}"] = dict(space="orig", label=lab, suffix="probseg", extension=".nii.gz")
+    for mod in modalities:
+        specs[mod] = dict(space="orig", desc="coreg", suffix=mod, extension=".nii.gz")
+    paths = {}
+    for key, ent in specs.items():
+        paths[key] = out_dir / _build(entities, PATH_PATTERN, **ent)
+        if ent["extension"] == ".nii.gz":
+            paths[f"{key}_json"] = out_dir / _build(entities, PATH_PATTERN, **dict(ent, extension=".json"))
+    paths["report"] = out_dir / _build(entities, REPORT_PATTERN)
+    return paths
+
+
+def output_prefix(entities: dict) -> str:
+    """``sub-X[_ses-Y][_acq-Z][_run-N]``: how one FLAIR is named in messages and logs."""
+    return _build(entities, REPORT_PATTERN)[: -len(".html")]
+
+
+def crash_log_path(output_dir: Path, prefix: str, run_uuid: str) -> Path:
+    """``logs/crash-<prefix>-<run>.txt``: the traceback of a failed FLAIR."""
+    return Path(output_dir) / "logs" / f"{CRASH_PREFIX}{prefix}-{run_uuid}.txt"
+
+
+def prefix_from_crash_log(path: Path) -> str:
+    """The FLAIR prefix a crash log names (inverse of :func:`crash_log_path`; run ids hold one ``-``)."""
+    return Path(path).name[len(CRASH_PREFIX):].rsplit("-", 2)[0]
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -101,11 +231,22 @@ def _write_if_changed(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def write_top_level(output_dir: Path, container: dict | None = None) -> None:
+def write_top_level(output_dir: Path, classes, bids_dir: Path | None = None, container: dict | None = None) -> None:
     """``dataset_description.json``, ``desc-trimask_dseg.tsv`` and ``.bidsignore``.
 
     Deterministic content, written atomically and only if different: safe for many
     concurrent participant jobs on one output folder.
+
+    Parameters
+    ----------
+    output_dir : Path
+    classes : sequence of ClassInfo
+        The model card's class table (``desc-trimask_dseg.tsv``).
+    bids_dir : Path, optional
+        The raw dataset, named ``raw`` in ``DatasetLinks`` so that ``bids:raw:<path>``
+        sources resolve (BIDS URIs).
+    container : dict, optional
+        ``GeneratedBy.Container``.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -115,14 +256,26 @@ def write_top_level(output_dir: Path, container: dict | None = None) -> None:
         gen["Container"] = container
     desc = {"Name": "ms3seg-app tri-mask segmentation", "BIDSVersion": "1.10.0",
             "DatasetType": "derivative", "GeneratedBy": [gen],
+            **({"DatasetLinks": {"raw": Path(bids_dir).resolve().as_uri()}} if bids_dir else {}),
+            "Authors": ["ms3seg-app developers"],
             "HowToAcknowledge": "Cite the MS3SEG dataset paper (Bashiri Bawil et al., Scientific Data 2025) "
                                 "and ms3seg-app."}
     _write_if_changed(output_dir / "dataset_description.json", json.dumps(desc, indent=2, sort_keys=True) + "\n")
     lines = ["index\tname\tabbreviation\tcolor"]
-    lines += [f"{i}\t{n}\t{a}\t{c}" for i, (n, a, c) in CLASSES.items()]
+    lines += [f"{c.index}\t{c.name}\t{c.abbreviation}\t{c.color}" for c in classes]
     _write_if_changed(output_dir / "desc-trimask_dseg.tsv", "\n".join(lines) + "\n")
     _write_if_changed(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+    _write_if_changed(output_dir / "README", README_TEXT)
 
+
+README_TEXT = """ms3seg-app derivatives: MS3SEG tri-mask segmentation of FLAIR MRI.
+
+Per FLAIR (sub-<label>/[ses-<label>/]anat/): the tri-mask (desc-trimask_dseg; labels in
+desc-trimask_dseg.tsv), per-class probability maps (label-<class>_probseg), the brain mask,
+co-registered T1w/T2w, a lesion table and a volume table; all on the input FLAIR's voxel
+grid (space-orig). One HTML report per FLAIR at the top level; group_* tables and
+group.html from the group level; logs/ holds run logs and crash tracebacks.
+"""
 
 #: Sidecar fields that may identify a person and are never copied into outputs.
 IDENTIFYING_FIELDS = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",

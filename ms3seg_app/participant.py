@@ -1,43 +1,102 @@
-"""Participant level: one FLAIR in, BIDS-Derivatives out (all images on the FLAIR's grid)."""
+"""Participant level: one FLAIR in, BIDS-Derivatives out (all images on the FLAIR's grid).
+
+Design: the stages run as a plain in-memory chain with per-FLAIR resume; nipype is
+kept only for the FSL interfaces (BET, FLIRT). The stages are numpy operations of a
+few seconds each on data that fits in memory, so nipype's file-based node cache bought
+little and cost a lot: every intermediate was written to disk and read back, cached
+results were keyed on node inputs that did not include the model (a new model was
+served an old segmentation), nipype's import and crash files slowed and hid errors.
+Resume is per FLAIR instead: a FLAIR whose outputs all exist and whose dseg sidecar
+(written last) records the same input sha256 and the same run key (model card sha256,
+package version, every option that changes the result) is skipped; anything else is
+recomputed from the input. A killed job loses at most the FLAIR it was on.
+
+The chain: :func:`~ms3seg_app.stages.load_flair` -> [N4] -> brain mask -> inference
+(:class:`~ms3seg_app.model.predict.Predictor`, the card's post-processing) -> lesion
+table and volumes -> T1w/T2w co-registration -> derivatives -> report -> sidecar.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from . import CLASSES, __version__
+from . import __version__
 from .bids import FlairInput
-from .derivatives import atomic_save_nifti, atomic_write_json, atomic_write_text, image_like, safe_metadata
-from .model.card import sha256_file
+from .derivatives import (atomic_save_nifti, atomic_write_json, atomic_write_text, flair_outputs, image_like,
+                          output_prefix, probability_image, safe_metadata)
+from .model.card import ModelCard, sha256_file
 
 LOGGER = logging.getLogger("ms3seg.participant")
-PROB_LABELS = {1: "VEN", 2: "NWMH", 3: "AWMH"}
 
 
-def output_paths(fi: FlairInput, output_dir: Path) -> dict[str, Path]:
-    """Every file the participant level writes for one FLAIR."""
-    d = Path(output_dir) / fi.subdir
-    p = fi.prefix
-    out = {
-        "dseg": d / f"{p}_space-orig_desc-trimask_dseg.nii.gz",
-        "dseg_json": d / f"{p}_space-orig_desc-trimask_dseg.json",
-        "mask": d / f"{p}_space-orig_desc-brain_mask.nii.gz",
-        "mask_json": d / f"{p}_space-orig_desc-brain_mask.json",
-        "lesions": d / f"{p}_space-orig_desc-trimask_lesions.tsv",
-        "volumes": d / f"{p}_space-orig_desc-trimask_volumes.tsv",
-        "report": Path(output_dir) / f"{p}.html",
-    }
-    for c, lab in PROB_LABELS.items():
-        out[f"probseg_{lab}"] = d / f"{p}_space-orig_label-{lab}_probseg.nii.gz"
-    for mod in ("T1w", "T2w"):
-        if getattr(fi, mod.lower()) is not None:
-            out[mod] = d / f"{p}_space-orig_desc-coreg_{mod}.nii.gz"
-            out[f"{mod}_json"] = d / f"{p}_space-orig_desc-coreg_{mod}.json"
-    return out
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything besides the input and the model that decides a FLAIR's outputs.
+
+    Attributes
+    ----------
+    skull_strip : {"auto", "fsl", "deepbet", "none"}
+    n4 : bool
+        N4 bias-field correction before segmentation.
+    tta : bool
+        Left-right flip test-time augmentation.
+    reports : bool
+        Write the HTML report.
+    """
+
+    skull_strip: str = "auto"
+    n4: bool = False
+    tta: bool = True
+    reports: bool = True
+
+
+def run_key(card: ModelCard, options: RunOptions) -> str:
+    """sha256 of what decides the result besides the input: model card, version, options.
+
+    The model card's sha256 covers every member's weights and every preprocessing and
+    post-processing parameter.
+    """
+    key = {"model_card_sha256": card.sha256, "ms3seg_app": __version__, **asdict(options)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def expected_outputs(fi: FlairInput, output_dir: Path, card: ModelCard, reports: bool = True) -> dict[str, Path]:
+    """Every file the participant level writes for ``fi`` with this model (names from :mod:`derivatives`)."""
+    mods = [m for m in ("T1w", "T2w") if getattr(fi, m.lower()) is not None]
+    paths = flair_outputs(fi.entities, output_dir, [c.abbreviation for c in card.foreground], mods)
+    if not reports:
+        paths.pop("report")
+    return paths
+
+
+def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunOptions,
+                source_sha: str | None = None) -> bool:
+    """True if every output exists and was made from this input with this model and options.
+
+    Parameters
+    ----------
+    fi : FlairInput
+    output_dir : Path
+    card : ModelCard
+    options : RunOptions
+    source_sha : str, optional
+        The FLAIR's sha256 if the caller has it already (hashed otherwise).
+    """
+    paths = expected_outputs(fi, output_dir, card, options.reports)
+    if not all(p.exists() for p in paths.values()):
+        return False
+    try:
+        side = json.loads(paths["dseg_json"].read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return (side.get("SourceSHA256") == (source_sha or sha256_file(fi.path))
+            and side.get("RunKey") == run_key(card, options))
 
 
 def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
@@ -52,33 +111,32 @@ def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def is_complete(fi: FlairInput, output_dir: Path, model_sha: str, source_sha: str | None = None) -> bool:
-    """True if every output exists and was made from this input with this model (resume).
+def qc_warnings(img, card: ModelCard, probs: np.ndarray, dseg: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Warnings for the report: geometry outside training, brain mask, low confidence.
 
-    ``source_sha`` is the FLAIR's sha256 if the caller has it already (hashed otherwise).
+    Parameters
+    ----------
+    img : Nifti1Image, the FLAIR
+    card : ModelCard (its ``training_geometry``)
+    probs : ndarray (I, J, K, C) float32
+    dseg : ndarray (I, J, K) uint8
+    mask : ndarray (I, J, K) bool brain mask
     """
-    paths = output_paths(fi, output_dir)
-    if not all(p.exists() for p in paths.values()):
-        return False
-    try:
-        side = json.loads(paths["dseg_json"].read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (side.get("SourceSHA256") == (source_sha or sha256_file(fi.path))
-            and side.get("ModelSHA256") == model_sha)
+    import nibabel as nib
 
-
-def qc_warnings(img: nib.Nifti1Image, card: dict, probs: np.ndarray, dseg: np.ndarray) -> list[str]:
-    """Warnings for the report: geometry outside training, unusual intensity, low confidence."""
     w = []
     ras_z = [float(z) for z in nib.as_closest_canonical(img).header.get_zooms()[:3]]  # (x, y, z) mm
-    tr = card.get("training_geometry", {"slice_thickness_mm": [4.0, 8.5], "inplane_mm": [0.7, 1.3]})
-    if not tr["slice_thickness_mm"][0] <= ras_z[2] <= tr["slice_thickness_mm"][1]:
-        w.append(f"axial slice thickness {ras_z[2]:.2f} mm is outside the {tr['slice_thickness_mm']} mm "
-                 "the model was trained on; check the segmentation closely")
-    if not (tr["inplane_mm"][0] <= min(ras_z[:2]) and max(ras_z[:2]) <= tr["inplane_mm"][1]):
-        w.append(f"in-plane voxel size {ras_z[0]:.2f}x{ras_z[1]:.2f} mm is outside the trained "
-                 f"{tr['inplane_mm']} mm")
+    tr = card.training_geometry
+    thick, inplane = tr.get("slice_thickness_mm"), tr.get("inplane_mm")
+    if thick and not thick[0] <= ras_z[2] <= thick[1]:
+        w.append(f"axial slice thickness {ras_z[2]:.2f} mm is outside the {thick} mm the model was "
+                 "trained on; check the segmentation closely")
+    if inplane and not (inplane[0] <= min(ras_z[:2]) and max(ras_z[:2]) <= inplane[1]):
+        w.append(f"in-plane voxel size {ras_z[0]:.2f}x{ras_z[1]:.2f} mm is outside the trained {inplane} mm")
+    icv_ml = float(mask.sum()) * float(np.prod(ras_z)) / 1000.0
+    if icv_ml < 800 or icv_ml > 2200:
+        w.append(f"the brain mask holds {icv_ml:.0f} mL (adult ICV is about 1100-1800 mL): check the "
+                 "brain-mask contour in the report, and the scan's coverage")
     fg = dseg > 0
     if fg.any():
         low = float((probs.max(axis=-1)[fg] < 0.6).mean())
@@ -88,93 +146,183 @@ def qc_warnings(img: nib.Nifti1Image, card: dict, probs: np.ndarray, dseg: np.nd
     return w
 
 
-def process_flair(fi: FlairInput, predictor, output_dir: Path, work_dir: Path, skull_strip: str = "auto",
-                  n4: bool = False, reports: bool = True, container: dict | None = None,
-                  model: Path | None = None, allow_unverified: bool = False, tta: bool = True) -> dict:
-    """Run the participant pipeline on one FLAIR and write its derivatives.
+@dataclass
+class FlairResult:
+    """What one FLAIR produced (for the console line and the run summary)."""
 
-    The stages run as a nipype workflow (:mod:`ms3seg_app.workflow`) cached in
-    ``work_dir``; then the derivatives are written atomically, the dseg sidecar last,
-    so an interrupted run is redone on resume and finished work is skipped.
+    prefix: str
+    status: str  # "ok" | "skipped"
+    volumes: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _Timer:
+    """Times the stages of one FLAIR and names the stage an exception came from."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            exc.ms3seg_stage = getattr(exc, "ms3seg_stage", name)  # the class and traceback are kept
+            raise
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def process_flair(fi: FlairInput, predictor, output_dir: Path, options: RunOptions, work_dir: Path | None = None,
+                  bids_dir: Path | None = None) -> FlairResult:
+    """Run the participant chain on one FLAIR and write its derivatives.
+
+    Derivatives are written atomically, the dseg sidecar last (it lists every output
+    under ``Outputs`` and marks the FLAIR complete), so an interrupted run is redone on
+    resume and finished work is skipped.
 
     Parameters
     ----------
     fi : FlairInput
     predictor : Predictor
-        The loaded model (its card and sha256 are recorded; the segment node reuses it).
+        The loaded model.
+    output_dir : Path
+    options : RunOptions
+    work_dir : Path, optional
+        Scratch space for FSL.
+    bids_dir : Path, optional
+        Root of the raw dataset (``Sources`` are given relative to it).
 
     Returns
     -------
-    dict summary (prefix, volumes, warnings, seconds).
+    FlairResult
 
     Raises
     ------
-    InputDataError
-        Bad image or failing stage; nothing is written for this FLAIR.
+    MS3SegError
+        Bad input (the message names the file and the fix); nothing is written for this FLAIR.
+    Exception
+        A bug in a stage, with its own class and traceback; ``exc.ms3seg_stage`` names the stage.
     """
     import pandas as pd
 
-    from .workflow import build_workflow, run_workflow
+    from .lesions import lesion_table, volume_table
+    from .stages import brain_mask, coregister_to_flair, load_flair, n4_correct, restrict_to_brain
 
     t0 = time.time()
-    paths = output_paths(fi, output_dir)
-    source_sha = sha256_file(fi.path)  # once: the resume check and the dseg sidecar
-    if is_complete(fi, output_dir, predictor.sha256, source_sha):
-        LOGGER.info("%s: outputs complete, skipped (resume)", fi.prefix)
-        return {"prefix": fi.prefix, "status": "skipped (complete)"}
+    card = predictor.card
+    prefix = output_prefix(fi.entities)
+    paths = expected_outputs(fi, output_dir, card, options.reports)
+    timer = _Timer()
+    source_sha = timer.run("hash", sha256_file, fi.path)
+    if is_complete(fi, output_dir, card, options, source_sha):
+        return FlairResult(prefix, "skipped")
     _remove_stale_temporaries(paths)
-    wf = build_workflow(fi, Path(work_dir), skull_strip, n4, model, allow_unverified, tta)
-    res = run_workflow(wf, Path(work_dir) / "crash")
-    ref = nib.load(str(fi.path))
-    img = nib.load(res["flair"])
-    warnings = json.loads(Path(res["qc_file"]).read_text())
-    dseg = np.asanyarray(nib.load(res["dseg_file"]).dataobj).astype(np.uint8)
-    probs = np.asanyarray(nib.load(res["probs_file"]).dataobj).astype(np.float32)
-    mask = np.asanyarray(nib.load(res["mask_file"]).dataobj) > 0
-    lesions = pd.read_csv(res["lesions_tsv"], sep="\t")
-    volumes = json.loads(Path(res["volumes_json"]).read_text())
-    warnings += qc_warnings(img, predictor.card, probs, dseg)
-    zooms = img.header.get_zooms()[:3]
-    # ---- derivatives (the dseg sidecar is the completion marker: written last)
-    src_rel = f"bids:raw:{fi.path.name}"
-    model_info = {"ModelName": predictor.card.get("name"), "ModelSHA256": predictor.sha256,
-                  "SkullStripping": res["method_used"], "N4BiasCorrection": bool(n4),
-                  "SoftwareVersions": predictor.card.get("software", {}) | {"ms3seg_app": __version__}}
-    atomic_save_nifti(image_like(dseg, ref, np.uint8), paths["dseg"])
-    atomic_save_nifti(image_like(mask, ref, np.uint8), paths["mask"])
-    atomic_write_json(paths["mask_json"], {"Sources": [src_rel], "Type": "Brain", "Method": res["method_used"]})
-    for c, lab in PROB_LABELS.items():
-        atomic_save_nifti(image_like(probs[..., c], ref, np.float32), paths[f"probseg_{lab}"])
+    img, warnings = timer.run("checks", load_flair, fi.path)
+    seg_img = timer.run("n4", n4_correct, img) if options.n4 else img
+    mask, method = timer.run("brain_extraction", brain_mask, seg_img, options.skull_strip, work_dir)
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    pred = timer.run("inference", predictor.predict_image, seg_img, restrict_to_brain(mask, spacing))
+    awmh = card.class_index("AWMH")
+    lesions = timer.run("lesion_analysis", lesion_table, pred.dseg, img.affine, mask, pred.probabilities[..., awmh],
+                        pred.uncertainty, lesion_class=awmh, ventricle_class=card.class_index("VEN"))
+    volumes = volume_table(pred.dseg, img.affine, lesions, mask, card)
+    coreg, coreg_methods = {}, {}
     for mod in ("T1w", "T2w"):
-        if mod in res:
-            atomic_save_nifti(image_like(np.asanyarray(nib.load(res[mod]).dataobj), ref, np.float32), paths[mod])
-            atomic_write_json(paths[f"{mod}_json"], {"Sources": [f"bids:raw:{getattr(fi, mod.lower()).name}"],
-                                                     "SpatialReference": src_rel,
-                                                     "RegistrationMethod": res.get(f"{mod}_method")})
+        src = getattr(fi, mod.lower())
+        if src is not None:
+            coreg[mod], coreg_methods[mod] = timer.run(f"coregistration_{mod}", coregister_to_flair, src, img,
+                                                       "fsl" if options.skull_strip == "fsl" else "auto", work_dir)
+    warnings += qc_warnings(img, card, pred.probabilities, pred.dseg, mask)
+    t_write = time.perf_counter()
+    # ---- derivatives (the dseg sidecar is the completion marker: written last)
+    raw = _raw_uri(fi.path, bids_dir)
+    space = {"SpatialReference": raw}
+    software = "; ".join(f"{k} {v}" for k, v in sorted((card.data.get("software") or {}).items())
+                         if k != "ms3seg_app")
+    model_info = {"ModelName": card.name, "ModelSHA256": card.sha256, "ModelMembers": len(card.members),
+                  "SkullStripping": method, "N4BiasCorrection": bool(options.n4),
+                  "TestTimeAugmentation": bool(options.tta),
+                  "SoftwareVersions": f"ms3seg-app {__version__}" + (f"; model trained with {software}"
+                                                                     if software else "")}
+    atomic_save_nifti(image_like(mask, img, np.uint8), paths["mask"])
+    atomic_write_json(paths["mask_json"], {"Sources": [raw], **space, "Type": "Brain", "Method": method,
+                                           "Description": f"brain mask ({method})"})
+    for c in card.foreground:
+        atomic_save_nifti(probability_image(pred.probabilities[..., c.index], img),
+                          paths[f"probseg_{c.abbreviation}"])
+        atomic_write_json(paths[f"probseg_{c.abbreviation}_json"], {
+            "Sources": [raw], **space, "Label": c.abbreviation, "Description": f"probability of {c.name}",
+            "ModelName": card.name, "ModelSHA256": card.sha256})
+    atomic_save_nifti(image_like(pred.dseg, img, np.uint8), paths["dseg"])
+    for mod, cimg in coreg.items():
+        atomic_save_nifti(cimg, paths[mod])
+        atomic_write_json(paths[f"{mod}_json"], {"Sources": [_raw_uri(getattr(fi, mod.lower()), bids_dir)],
+                                                 **space, "SkullStripped": False,
+                                                 "Description": f"{mod} rigidly co-registered to the FLAIR",
+                                                 "RegistrationMethod": coreg_methods[mod]})
     atomic_write_text(paths["lesions"], lesions.to_csv(sep="\t", index=False, float_format="%.4f", na_rep="n/a"))
     vrow = {"participant_id": f"sub-{fi.entities['subject']}", "session_id":
             f"ses-{fi.entities['session']}" if fi.entities.get("session") else "n/a",
             "acq": fi.entities.get("acquisition") or "n/a", "run": fi.entities.get("run") or "n/a",
             "flair": fi.path.name, **volumes, "qc_warnings": len(warnings),
-            "slice_thickness_mm": float(sorted(zooms)[-1]), "inplane_mm": float(min(zooms))}
+            "slice_thickness_mm": float(sorted(spacing)[-1]), "inplane_mm": float(min(spacing))}
     atomic_write_text(paths["volumes"], pd.DataFrame([vrow]).to_csv(sep="\t", index=False, float_format="%.6g",
                                                                        na_rep="n/a"))
-    summary = {"prefix": fi.prefix, "volumes": volumes, "warnings": warnings, "status": "ok"}
-    if reports:
+    timer.timings["derivatives"] = time.perf_counter() - t_write
+    result = FlairResult(prefix, "ok", volumes, warnings)
+    if options.reports:
         try:
             from .reports.individual import write_participant_report
 
-            write_participant_report(paths["report"], fi, img, dseg, lesions, volumes, warnings,
-                                     model_info, safe_metadata(fi.metadata))
+            timer.run("report", write_participant_report, paths["report"], title=prefix, flair_name=fi.path.name,
+                      flair=img, dseg=pred.dseg, brain_mask=mask, coreg=coreg, lesions=lesions, volumes=volumes,
+                      warnings=warnings, metadata=safe_metadata(fi.metadata),
+                      provenance=_provenance(card, options, method, coreg_methods))
         except Exception:  # a failed report never loses the segmentation (fMRIPrep's rule)
-            LOGGER.exception("%s: the HTML report failed; the derivatives are complete", fi.prefix)
-            summary["warnings"].append("report failed")
+            LOGGER.exception("%s: the HTML report failed; the derivatives are complete", prefix)
+            result.warnings.append("report failed (traceback in the log)")
+            paths.pop("report", None)
+    outputs = sorted(str(p.relative_to(output_dir)) for k, p in paths.items())
     atomic_write_json(paths["dseg_json"], {
-        "Sources": [src_rel], "SourceSHA256": source_sha,
-        "Manual": False, "Atlas": "MS3SEG tri-mask",
-        "Labels": {str(i): n for i, (n, _a, _c) in CLASSES.items()},
-        "QCWarnings": warnings, "AcquisitionMetadata": safe_metadata(fi.metadata), **model_info})
-    summary["seconds"] = time.time() - t0
-    LOGGER.info("%s: done in %.1f s (%d lesions, %.2f mL abnormal WMH)", fi.prefix, summary["seconds"],
-                volumes["lesion_count"], volumes["abnormal_wmh_ml"])
-    return summary
+        "Sources": [raw], **space, "SourceSHA256": source_sha, "RunKey": run_key(card, options),
+        "Manual": False, "Atlas": "MS3SEG tri-mask", "Description": "MS3SEG tri-mask by ms3seg-app",
+        "Labels": {str(c.index): c.name for c in card.classes},
+        "LesionDefinition": _lesion_definition(), "QCWarnings": result.warnings,
+        "StageSeconds": {k: round(v, 3) for k, v in timer.timings.items()},
+        "AcquisitionMetadata": safe_metadata(fi.metadata), "Outputs": outputs, **model_info})
+    result.timings = timer.timings
+    result.seconds = time.time() - t0
+    return result
+
+
+def _raw_uri(path: Path, bids_dir: Path | None) -> str:
+    """``bids:raw:<path relative to the raw dataset>`` (BIDS URI; ``raw`` is in ``DatasetLinks``)."""
+    path = Path(path)
+    if bids_dir is not None:
+        try:
+            return f"bids:raw:{path.resolve().relative_to(Path(bids_dir).resolve()).as_posix()}"
+        except ValueError:
+            pass
+    return f"bids:raw:{path.name}"
+
+
+def _lesion_definition() -> dict:
+    from .lesion_definition import LESION
+
+    return LESION.to_dict()
+
+
+def _provenance(card: ModelCard, options: RunOptions, method: str, coreg_methods: dict) -> dict:
+    """What ran, for the report's methods section."""
+    import datetime
+
+    cv = card.data.get("cross_validation", {}).get("mean", {})
+    return {"ms3seg_app_version": __version__, "model_name": card.name, "model_sha256": card.sha256,
+            "ensemble_members": len(card.members), "tta": options.tta, "skull_stripping": method,
+            "n4": options.n4, "coregistration": coreg_methods,
+            "software": {k: str(v) for k, v in (card.data.get("software") or {}).items()},
+            "cross_validation": cv, "lesion_definition": _lesion_definition(),
+            "run_date": datetime.date.today().isoformat()}

@@ -34,13 +34,13 @@ def _tiny_model(tmp_path):
 
 def test_loading_verifies_sha256(tmp_path):
     w = _tiny_model(tmp_path)
-    model, card, path = load_model(w)
-    assert card["sha256"] and path == w
+    models, card = load_model(w)
+    assert len(models) == 1 and card.members[0].path == w and card.members[0].sha256
     with open(w, "ab") as fh:  # tamper
         fh.write(b"\0")
     with pytest.raises(ModelError, match="sha256"):
         load_model(w)
-    model, _, _ = load_model(w, allow_unverified=True)  # explicit opt-in still loads
+    models, _ = load_model(w, allow_unverified=True)  # explicit opt-in still loads
 
 
 def test_missing_card_and_wrong_class_count(tmp_path):
@@ -132,7 +132,8 @@ def test_ms3seg_h5_weights_load_through_the_same_path(tmp_path):
             "preprocessing": {"pixel_size_mm": 1.0, "slice_size": 256, "normalization": {"method": "minmax"}},
             "classes": [{"index": i} for i in range(4)]}
     (tmp_path / "ms3seg_unet_model_card.json").write_text(json.dumps(card))
-    model, _, _ = load_model(h5)
+    (model,), card = load_model(h5)
+    assert card.architecture["conv_bias"] is True and card.members[0].path == h5
     x = np.random.default_rng(0).random((1, 256, 256, 1)).astype(np.float32)
     np.testing.assert_allclose(model.predict(x, verbose=0), ref.predict(x, verbose=0), atol=1e-5)
 

@@ -1,14 +1,20 @@
 """Entry point ``ms3seg`` (also ``python -m ms3seg_app``).
 
 Exit codes: 0 every selected FLAIR succeeded; 1 some failed (the others' results are
-kept); 2 usage error; 70 (EX_SOFTWARE) internal error before any FLAIR ran.
+kept; one line each on the terminal, tracebacks in ``output_dir/logs/``); 2 usage
+error; 70 (EX_SOFTWARE) internal error before any FLAIR ran.
+
+The terminal shows only ms3seg-app's own lines at the default verbosity. TensorFlow,
+absl and CUDA write to the process's standard-error file descriptor from C++, where
+``TF_CPP_MIN_LOG_LEVEL`` does not reach every message; so, below ``-vv``, file
+descriptor 2 is pointed at ``logs/<run>_native.log`` for the whole run and the console
+handler writes to a duplicate of the original descriptor.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,42 +28,52 @@ logging.addLevelName(IMPORTANT, "IMPORTANT")
 EX_SOFTWARE = 70
 
 
-def _setup_logging(verbose: int, quiet: int, log_file: Path | None) -> None:
+def _setup_logging(verbose: int, quiet: int, log_file: Path | None, console=None) -> None:
+    """Console handler (plain lines at the default level) plus a DEBUG log file."""
     level = max(logging.DEBUG, min(logging.ERROR, IMPORTANT - 10 * verbose + 10 * quiet))
     if verbose == 1:
         level = logging.INFO
-    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger("ms3seg")
     root.handlers.clear()
     root.setLevel(logging.DEBUG)
-    h = logging.StreamHandler(sys.stderr)
+    root.propagate = False
+    h = logging.StreamHandler(console or sys.stderr)
     h.setLevel(level)
-    h.setFormatter(fmt)
+    h.setFormatter(logging.Formatter("%(message)s" if verbose == 0 else
+                                     "%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
     root.addHandler(h)
-    try:  # nipype logs every node at INFO; keep that for -vv
-        from nipype import config as ncfg, logging as nlogging
-
-        ncfg.set("logging", "workflow_level", "INFO" if verbose >= 2 else "WARNING")
-        ncfg.set("logging", "interface_level", "INFO" if verbose >= 2 else "WARNING")
-        nlogging.update_logging(ncfg)
-    except ImportError:  # pragma: no cover
-        pass
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file)
         fh.setLevel(logging.DEBUG)
-        fh.setFormatter(fmt)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
         root.addHandler(fh)
+        logging.captureWarnings(True)  # Python warnings of TensorFlow/Keras go to the file only
+        pyw = logging.getLogger("py.warnings")
+        pyw.handlers[:] = [fh]
+        pyw.propagate = False
+
+
+def _redirect_native_stderr(native_log: Path):
+    """Point fd 2 at ``native_log``; return a text stream on the original stderr."""
+    native_log.parent.mkdir(parents=True, exist_ok=True)
+    console = os.fdopen(os.dup(2), "w", buffering=1)
+    fd = os.open(native_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    os.close(fd)
+    return console
 
 
 def select_device(device: str, omp_threads: int) -> str:
-    """Configure TensorFlow's device before it is imported; return what is used.
+    """Configure TensorFlow's device and threads before it is imported; return what is used.
 
     ``gpu`` without a visible GPU falls back to the CPU with a warning.
     """
     if omp_threads > 0:
-        os.environ["OMP_NUM_THREADS"] = str(omp_threads)
-        os.environ["TF_NUM_INTRAOP_THREADS"] = str(omp_threads)
+        for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+            os.environ[var] = str(omp_threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -80,6 +96,8 @@ def validate_bids(bids_dir: Path) -> None:
     InputDataError
         If the dataset is invalid (the validator's report is in the message).
     """
+    import subprocess
+
     from ..exceptions import InputDataError
 
     here = Path(sys.executable).parent  # the environment ms3seg is installed in, even if not on PATH
@@ -105,7 +123,7 @@ def validate_bids(bids_dir: Path) -> None:
 def main(argv=None) -> int:
     from .parser import parse_args
 
-    opts = parse_args(argv)  # usage errors exit with 2 here
+    opts = parse_args(argv)  # usage errors (paths, labels, filter file) exit with 2 here
     run_uuid = time.strftime("%Y%m%d-%H%M%S") + "_" + uuid.uuid4().hex[:8]
     log_dir = opts.output_dir / "logs"
     try:
@@ -113,112 +131,200 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"ms3seg: cannot create output_dir {opts.output_dir}: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(opts.verbose, opts.quiet, log_dir / f"ms3seg_{opts.analysis_level}_{run_uuid}.log")
+    stem = f"ms3seg_{opts.analysis_level}_{run_uuid}"
+    console = _redirect_native_stderr(log_dir / f"{stem}_native.log") if opts.verbose < 2 else None
+    _setup_logging(opts.verbose, opts.quiet, log_dir / f"{stem}.log", console)
     from ..exceptions import MS3SegError
 
     try:
         if opts.analysis_level == "group":
-            from ..group import run_group
-
-            run_group(opts.bids_dir, opts.output_dir)
-            return 0
-        return _participant(opts, run_uuid)
+            return _group(opts)
+        return _participant(opts, run_uuid, console)
     except MS3SegError as exc:
-        LOGGER.error("%s", exc)
+        LOGGER.error("ms3seg: %s", exc)
         return 1
-    except Exception:  # internal error: full traceback to the log and stderr
-        LOGGER.error("internal error:\n%s", traceback.format_exc())
+    except Exception:  # internal error: full traceback to the log, one line to the terminal
+        LOGGER.debug("internal error:\n%s", traceback.format_exc())
+        LOGGER.error("ms3seg: internal error (%s); this is a bug: please report it with %s",
+                     traceback.format_exc(limit=0).strip().splitlines()[-1], log_dir / f"{stem}.log")
         return EX_SOFTWARE
+    finally:
+        logging.shutdown()
+        if console is not None:  # give fd 2 back (main() may run inside a longer process, e.g. tests)
+            sys.stderr.flush()
+            os.dup2(console.fileno(), 2)
+            console.close()
 
 
-def _participant(opts, run_uuid: str) -> int:
+def _group(opts) -> int:
+    import pandas as pd
+
+    from ..derivatives import GROUP_OUTPUTS
+    from ..group import run_group
+
+    run_group(opts.bids_dir, opts.output_dir)
+    out = opts.output_dir
+    vol = pd.read_csv(out / GROUP_OUTPUTS["volumes"], sep="\t")
+    qc_path = out / GROUP_OUTPUTS["qc"]
+    qc = pd.read_csv(qc_path, sep="\t") if qc_path.exists() and qc_path.stat().st_size else pd.DataFrame()
+    n_part = vol["participant_id"].nunique() if "participant_id" in vol else len(vol)
+    LOGGER.log(IMPORTANT, "group: read %d FLAIR result(s) of %d participant(s)", len(vol), n_part)
+    if len(qc):
+        flag_col = next((c for c in ("flag", "issue", "qc_flag") if c in qc), qc.columns[-1])
+        LOGGER.log(IMPORTANT, "group: %d QC flag(s): %s (see %s)", len(qc),
+                   ", ".join(f"{k} x{v}" for k, v in qc[flag_col].astype(str).value_counts().items()), qc_path)
+    else:
+        LOGGER.log(IMPORTANT, "group: no QC flags")
+    LOGGER.log(IMPORTANT, "group: tables %s; report %s", out / GROUP_OUTPUTS["volumes"], out / GROUP_OUTPUTS["report"])
+    return 0
+
+
+def _participant(opts, run_uuid: str, console) -> int:
     from .. import __version__
     from ..bids import collect_inputs, load_filters
-    from ..derivatives import atomic_write_json, write_top_level
+    from ..derivatives import atomic_write_json, output_prefix, write_top_level
+    from ..model.card import load_card, sha256_file
+    from ..participant import RunOptions, is_complete
 
     if not opts.skip_bids_validation:
         validate_bids(opts.bids_dir)
     inputs, without_flair = collect_inputs(opts.bids_dir, opts.participant_label, opts.session_label,
                                            load_filters(opts.bids_filter_file))
-    device = select_device(opts.device, opts.omp_nthreads)
-    from ..model.predict import get_predictor
-    from ..participant import process_flair
-
-    predictor = get_predictor(opts.model, allow_unverified=opts.allow_unverified_model, tta=not opts.no_tta)
+    card = load_card(opts.model)  # reads and validates the card: no TensorFlow yet
+    options = RunOptions(skull_strip=opts.skull_strip, n4=opts.n4, tta=not opts.no_tta, reports=not opts.no_reports)
     container = None
     if os.environ.get("MS3SEG_CONTAINER"):
         container = {"Type": os.environ.get("MS3SEG_CONTAINER"), "Tag": f"ms3seg:{__version__}"}
-    write_top_level(opts.output_dir, container)
-    work = opts.work_dir or Path(tempfile.gettempdir()) / f"ms3seg_work_{run_uuid}"
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(opts.output_dir / "logs" / f"config-{run_uuid}.json", {
-        "version": __version__, "argv": sys.argv, "device": device, "model": str(predictor.weights),
-        "model_sha256": predictor.sha256, "bids_dir": str(opts.bids_dir), "inputs": [str(i.path) for i in inputs]})
-    LOGGER.log(IMPORTANT, "ms3seg-app %s: %d FLAIR(s), model %s (sha256 %s...), device %s", __version__,
-               len(inputs), predictor.card.get("name"), predictor.sha256[:12], device)
-    if opts.omp_nthreads <= 0 and opts.nprocs > 1:  # share the cores between parallel FLAIRs
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // opts.nprocs))
+    write_top_level(opts.output_dir, card.classes, opts.bids_dir, container)
     failed, done = [], []
     for sub in without_flair:
-        msg = "no FLAIR found (sub-%s/[ses-*/]anat/*_FLAIR.nii[.gz]); participant skipped" % sub
+        msg = f"no FLAIR found (sub-{sub}/[ses-*/]anat/*_FLAIR.nii[.gz]); participant skipped"
         LOGGER.warning("sub-%s: %s", sub, msg)
         if opts.participant_label:  # explicitly selected: it did not succeed
             failed.append((f"sub-{sub}", msg))
-    kwargs = dict(output_dir=opts.output_dir, work_dir=work, skull_strip=opts.skull_strip, n4=opts.n4,
-                  reports=not opts.no_reports, container=container, model=opts.model,
-                  allow_unverified=opts.allow_unverified_model, tta=not opts.no_tta)
-    if opts.nprocs > 1 and len(inputs) > 1:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        # spawn, not fork: TensorFlow is not fork-safe; each worker loads the model once
-        with cf.ProcessPoolExecutor(max_workers=min(opts.nprocs, len(inputs)),
-                                    mp_context=mp.get_context("spawn")) as pool:
-            futs = {pool.submit(_process_one, fi, kwargs, opts.verbose, opts.quiet): fi for fi in inputs}
-            for fut in cf.as_completed(futs):
-                prefix, err, tb = fut.result()
-                _record(prefix, err, tb, done, failed, opts.output_dir, run_uuid)
-    else:
+    todo = []
+    for fi in inputs:  # resume check first: nothing heavy is imported for a complete rerun
+        prefix = output_prefix(fi.entities)
+        if getattr(fi, "error", None):
+            _report_failure(prefix, fi.error, None, failed, opts.output_dir, run_uuid)
+        elif is_complete(fi, opts.output_dir, card, options, sha256_file(fi.path)):
+            LOGGER.log(IMPORTANT, "%s: skipped (outputs complete)", prefix)
+            done.append(prefix)
+        else:
+            todo.append(fi)
+    LOGGER.log(IMPORTANT, "ms3seg-app %s: %d FLAIR(s) selected, %d to process; model %s (%d member(s))",
+               __version__, len(inputs), len(todo), card.name, len(card.members))
+    if todo:
+        nprocs = max(1, min(opts.nprocs, len(todo)))
+        threads = opts.omp_nthreads if opts.omp_nthreads > 0 else max(1, (os.cpu_count() or 1) // nprocs)
+        device = select_device(opts.device, threads)
+        atomic_write_json(opts.output_dir / "logs" / f"config-{run_uuid}.json", {
+            "version": __version__, "argv": sys.argv, "device": device, "threads_per_flair": threads,
+            "nprocs": nprocs, "model_card": str(card.path), "model_sha256": card.sha256,
+            "bids_dir": str(opts.bids_dir), "inputs": [str(i.path) for i in todo]})
+        work = opts.work_dir or Path(tempfile.mkdtemp(prefix=f"ms3seg_work_{run_uuid}_"))
+        work.mkdir(parents=True, exist_ok=True)
+        job = dict(model=opts.model, allow_unverified=opts.allow_unverified_model, options=options,
+                   output_dir=opts.output_dir, work_dir=work, bids_dir=opts.bids_dir)
         try:
-            from tqdm import tqdm
+            if nprocs > 1:
+                import concurrent.futures as cf
+                import multiprocessing as mp
 
-            it = tqdm(inputs, disable=not sys.stderr.isatty(), unit="FLAIR")
-        except ImportError:  # pragma: no cover
-            it = inputs
-        for fi in it:
-            prefix, err, tb = _process_one(fi, kwargs, None, None, predictor)
-            _record(prefix, err, tb, done, failed, opts.output_dir, run_uuid)
-    if opts.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
+                # spawn, not fork: TensorFlow is not fork-safe; each worker loads the model once and
+                # runs `threads` threads, so the workers share the cores instead of each taking all
+                with cf.ProcessPoolExecutor(max_workers=nprocs, mp_context=mp.get_context("spawn"),
+                                            initializer=_init_worker,
+                                            initargs=(threads, opts.device, opts.verbose, opts.quiet)) as pool:
+                    futs = [pool.submit(_process_one, fi, job) for fi in todo]
+                    for fut in cf.as_completed(futs):
+                        _record(*fut.result(), done, failed, opts.output_dir, run_uuid)
+            else:
+                from tqdm import tqdm
+
+                stream = console or sys.stderr
+                for fi in tqdm(todo, disable=not stream.isatty(), unit="FLAIR", file=stream, leave=False):
+                    _record(*_process_one(fi, job), done, failed, opts.output_dir, run_uuid)
+        finally:
+            if opts.work_dir is None:
+                shutil.rmtree(work, ignore_errors=True)
     LOGGER.log(IMPORTANT, "finished: %d succeeded, %d failed%s", len(done), len(failed),
                "".join(f"\n  {p}: {m}" for p, m in failed))
+    if done:
+        LOGGER.log(IMPORTANT, "outputs: %s (reports: %s); next: ms3seg %s %s group", opts.output_dir,
+                   opts.output_dir / "sub-*.html", opts.bids_dir, opts.output_dir)
     return 1 if failed else 0
 
 
-def _process_one(fi, kwargs: dict, verbose, quiet, predictor=None):
-    """Process one FLAIR; never raises: returns (prefix, error message or None, traceback)."""
-    if verbose is not None:  # in a worker process
-        _setup_logging(verbose, quiet, None)
+_WORKER: dict = {}
+
+
+def _init_worker(threads: int, device: str, verbose: int, quiet: int) -> None:
+    """Per worker process: thread budget and device before TensorFlow is imported; console logging."""
+    select_device("cpu" if device == "cpu" else device, threads)
+    _setup_logging(verbose, quiet, None)
+
+
+def _predictor(job: dict):
+    """The model, loaded once per process."""
+    key = (str(job["model"]), job["allow_unverified"], job["options"].tta)
+    if key not in _WORKER:
+        from ..model.predict import Predictor
+
+        _WORKER.clear()
+        _WORKER[key] = Predictor.load(job["model"], job["allow_unverified"], tta=job["options"].tta)
+    return _WORKER[key]
+
+
+def _process_one(fi, job: dict):
+    """Process one FLAIR; never raises: returns (prefix, result or None, error line or None, traceback)."""
+    from ..derivatives import output_prefix
+
+    prefix = output_prefix(fi.entities)
     try:
-        from ..model.predict import get_predictor
         from ..participant import process_flair
 
-        if predictor is None:
-            predictor = get_predictor(kwargs["model"], kwargs["allow_unverified"], kwargs["tta"])
-        process_flair(fi, predictor, **kwargs)
-        return fi.prefix, None, None
+        res = process_flair(fi, _predictor(job), job["output_dir"], job["options"], job["work_dir"], job["bids_dir"])
+        return prefix, res, None, None
     except Exception as exc:  # one FLAIR's failure never loses the others
-        return fi.prefix, str(exc), traceback.format_exc()
+        return prefix, None, _error_line(exc), traceback.format_exc()
 
 
-def _record(prefix, err, tb, done, failed, output_dir: Path, run_uuid: str) -> None:
+def _error_line(exc: BaseException) -> str:
+    """One line: the message for bad input, or stage + type for a bug."""
+    from ..exceptions import MS3SegError
+
+    stage = getattr(exc, "ms3seg_stage", None)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, MS3SegError):
+        return first
+    where = f" in stage '{stage}'" if stage else ""
+    return f"internal error{where} ({type(exc).__name__}: {first}); this is a bug: please report it with the crash log"
+
+
+def _record(prefix, res, err, tb, done, failed, output_dir: Path, run_uuid: str) -> None:
     if err is None:
         done.append(prefix)
+        if res.status == "skipped":
+            LOGGER.log(IMPORTANT, "%s: skipped (outputs complete)", prefix)
+            return
+        v = res.volumes
+        LOGGER.log(IMPORTANT, "%s: %d lesion(s), abnormal WMH %.2f mL, normal WMH %.2f mL, ventricles %.1f mL"
+                   "%s (%.1f s)", prefix, v.get("lesion_count", 0), v.get("abnormal_wmh_ml", float("nan")),
+                   v.get("normal_wmh_ml", float("nan")), v.get("ventricles_ml", float("nan")),
+                   f", {len(res.warnings)} QC warning(s)" if res.warnings else "", res.seconds)
+        LOGGER.debug("%s: stage seconds %s", prefix, {k: round(s, 2) for k, s in res.timings.items()})
         return
+    _report_failure(prefix, err, tb, failed, output_dir, run_uuid)
+
+
+def _report_failure(prefix, err, tb, failed, output_dir: Path, run_uuid: str) -> None:
+    from ..derivatives import atomic_write_text, crash_log_path
+
+    crash = crash_log_path(output_dir, prefix, run_uuid)
+    atomic_write_text(crash, (tb or "") + f"\n{err}\n")
     failed.append((prefix, err))
-    crash = output_dir / "logs" / f"crash-{prefix}-{run_uuid}.txt"
-    crash.write_text(tb or err)
-    LOGGER.error("%s FAILED: %s (traceback in %s)", prefix, err, crash)
+    LOGGER.error("%s: FAILED: %s (details: %s)", prefix, err, crash)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""Inference: FLAIR image in, per-class probabilities on the FLAIR's own grid out."""
+"""Inference: FLAIR image in, per-class probabilities on the FLAIR's own grid out.
+
+Everything the model needs is read from its card (:class:`~ms3seg_app.model.card.ModelCard`):
+preprocessing, class table, post-processing. An ensemble's members are averaged
+(softmax mean, nnU-Net's recipe), each with its left-right flipped prediction
+(test-time augmentation); the members' disagreement is kept as an uncertainty map.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,10 +13,16 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from ..preprocessing import SliceGeometry, to_model_slices
-from .card import load_model
+from ..preprocessing import to_model_slices
+from .card import ModelCard, load_model
 
 LOGGER = logging.getLogger("ms3seg.inference")
+
+#: Slices whose normalised input never exceeds this (tissue is ~1) hold no head and are
+#: not sent through the network: they are background with probability 1.
+EMPTY_SLICE_MAX = 0.05
+#: In-plane crop around the head, rounded up to a multiple of 16 px (4 pools) plus this margin.
+CROP_MARGIN_PX = 16
 
 
 @dataclass
@@ -19,69 +31,113 @@ class Prediction:
 
     Attributes
     ----------
-    probabilities : ndarray (I, J, K, 4) float32
-        Per-class probabilities on the input voxel grid (stored order), summing to 1.
+    probabilities : ndarray (I, J, K, C) float32
+        Per-class probabilities on the input voxel grid (stored order), summing to 1;
+        C = number of classes in the card.
     dseg : ndarray (I, J, K) uint8
-        Tri-mask 0-3: argmax, then the card's post-processing (normal WMH kept only
-        near the ventricles, :mod:`ms3seg_app.trimask`).
-    geometry : SliceGeometry
+        Argmax, then the card's post-processing (:mod:`ms3seg_app.trimask`).
+    uncertainty : ndarray (I, J, K) float32
+        Standard deviation across ensemble members of the abnormal-WMH probability
+        (0 where they agree, and everywhere for a single model; at most 0.5).
     """
 
     probabilities: np.ndarray
     dseg: np.ndarray
-    geometry: SliceGeometry
+    uncertainty: np.ndarray
 
 
 class Predictor:
-    """Load a model once, predict many volumes (after nnU-Net's ``nnUNetPredictor``).
+    """A model (one network or an ensemble) loaded once, predicting many volumes.
+
+    After nnU-Net's ``nnUNetPredictor``.
 
     Parameters
     ----------
-    weights : path, optional
-        Model file; default bundled weights (see :func:`~ms3seg_app.model.card.resolve_weights`).
-    allow_unverified : bool
-        Accept weights whose sha256 differs from the card.
+    card : ModelCard
+    models : list of keras.Model
+        The card's members, in order.
     tta : bool
-        Average with the left-right flipped prediction (test-time augmentation).
+        Average each member with its left-right flipped prediction.
     batch_size : int
         Slices per forward pass.
     """
 
-    def __init__(self, weights=None, allow_unverified: bool = False, tta: bool = True, batch_size: int = 8,
-                 _loaded=None):
-        if _loaded is None:
-            _loaded = load_model(weights, allow_unverified)
-        self.model, self.card, self.weights = _loaded
-        self.pre = self.card["preprocessing"]
-        self.tta = tta
-        self.batch_size = batch_size
+    def __init__(self, card: ModelCard, models: list, tta: bool = True, batch_size: int = 8):
+        if not models:
+            raise ValueError("a Predictor needs at least one network")
+        self.card, self.models = card, list(models)
+        self.tta, self.batch_size = tta, batch_size
+        self.uncertainty_class = next((c.index for c in card.classes if c.abbreviation == "AWMH"),
+                                      card.n_classes - 1)
 
     @classmethod
-    def from_model(cls, model, card: dict, tta: bool = True, batch_size: int = 8) -> "Predictor":
-        """Wrap an in-memory model and its card (training and cross-validation)."""
-        return cls(tta=tta, batch_size=batch_size, _loaded=(model, card, None))
+    def load(cls, model=None, allow_unverified: bool = False, tta: bool = True) -> "Predictor":
+        """Load the card and networks of ``model`` (see :func:`~ms3seg_app.model.card.load_model`)."""
+        models, card = load_model(model, allow_unverified)
+        return cls(card, models, tta=tta)
+
+    @classmethod
+    def from_model(cls, model, card: dict | ModelCard, tta: bool = True, batch_size: int = 8) -> "Predictor":
+        """Wrap in-memory networks and a card dict (training and cross-validation).
+
+        ``model`` may be one keras.Model or a list of them (an ensemble).
+        """
+        if isinstance(card, dict):
+            card = ModelCard.from_dict(card)
+        models = model if isinstance(model, (list, tuple)) else [model]
+        return cls(card, models, tta=tta, batch_size=batch_size)
 
     @property
     def sha256(self) -> str:
-        return self.card["sha256"]
+        """Identity of the model: sha256 of its card file (which holds every member's sha256)."""
+        return self.card.sha256
 
-    def predict_slices(self, x: np.ndarray) -> np.ndarray:
-        """Predict preprocessed slices.
+    def _forward(self, model, x: np.ndarray) -> np.ndarray:
+        p = model.predict(x, batch_size=self.batch_size, verbose=0)
+        if self.tta:
+            pf = model.predict(x[:, ::-1], batch_size=self.batch_size, verbose=0)[:, ::-1]
+            p = 0.5 * (p + pf)
+        return p
+
+    def predict_slices(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predict preprocessed slices with every member.
+
+        Slices holding no head (:data:`EMPTY_SLICE_MAX`) are not run; the rest are cropped
+        in-plane to the head's bounding box (the network is fully convolutional).
 
         Parameters
         ----------
-        x : ndarray (Z, H, W) float32, normalised, model geometry
+        x : ndarray (Z, H, W) or (Z, H, W, channels) float32
+            Normalised slices in model geometry.
 
         Returns
         -------
-        ndarray (Z, H, W, 4) float32 softmax probabilities
+        (mean, spread) : ndarray (Z, H, W, C) float32 softmax mean over members, and
+        ndarray (Z, H, W) float32 standard deviation over members of the
+        abnormal-WMH probability.
         """
-        inp = x[..., None].astype(np.float32)
-        p = self.model.predict(inp, batch_size=self.batch_size, verbose=0)
-        if self.tta:
-            pf = self.model.predict(inp[:, ::-1], batch_size=self.batch_size, verbose=0)[:, ::-1]
-            p = 0.5 * (p + pf)
-        return p.astype(np.float32)
+        inp = x[..., None] if x.ndim == 3 else x
+        inp = inp.astype(np.float32, copy=False)
+        nz, h, w = inp.shape[:3]
+        nc = self.card.n_classes
+        mean = np.zeros((nz, h, w, nc), np.float32)
+        mean[..., 0] = 1.0
+        spread = np.zeros((nz, h, w), np.float32)
+        inmax = inp.max(axis=(1, 2, 3))
+        keep = np.nonzero(inmax > EMPTY_SLICE_MAX)[0]
+        if keep.size == 0:
+            return mean, spread
+        fg = (inp[keep] > EMPTY_SLICE_MAX).any(axis=(0, 3))
+        rows, cols = np.nonzero(fg.any(axis=1))[0], np.nonzero(fg.any(axis=0))[0]
+        r0, r1 = _padded_range(rows.min(), rows.max(), h)
+        c0, c1 = _padded_range(cols.min(), cols.max(), w)
+        sub = inp[keep, r0:r1, c0:c1]
+        probs = [self._forward(m, sub) for m in self.models]
+        stack = np.stack(probs) if len(probs) > 1 else None
+        mean[keep, r0:r1, c0:c1] = np.mean(probs, axis=0) if stack is not None else probs[0]
+        if stack is not None:
+            spread[keep, r0:r1, c0:c1] = stack[..., self.uncertainty_class].std(axis=0)
+        return mean, spread
 
     def predict_image(self, img: nib.spatialimages.SpatialImage, mask: np.ndarray | None = None) -> Prediction:
         """Segment a 3D FLAIR.
@@ -91,39 +147,55 @@ class Predictor:
         img : nibabel image, 3D, any storage order
             FLAIR (whole head or skull-stripped).
         mask : ndarray (I, J, K) bool, stored order, optional
-            Brain mask; predictions outside it are set to background.
+            Region where findings are kept (brain); outside it the voxels are background.
 
         Returns
         -------
         Prediction on the input voxel grid.
         """
-        geom, x = to_model_slices(img, self.pre)
-        p = self.predict_slices(x)
+        geom, x = to_model_slices(img, self.card.preprocessing)
+        p, spread = self.predict_slices(x)
         n = p.shape[-1]
         probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1))
-        probs = np.clip(probs, 0.0, 1.0)
+        del p
+        np.clip(probs, 0.0, 1.0, out=probs)
         probs /= np.maximum(probs.sum(axis=-1, keepdims=True), 1e-6)
+        unc = np.clip(geom.inverse(spread, order=1, cval=0.0), 0.0, 0.5)
         if mask is not None:
             outside = ~np.asarray(mask, bool)
             probs[outside] = 0.0
             probs[outside, 0] = 1.0
-        post = self.card.get("postprocessing", {})
+            unc[outside] = 0.0
+        dseg = self.postprocess(probs, tuple(float(z) for z in img.header.get_zooms()[:3]))
+        return Prediction(probs, dseg, unc.astype(np.float32))
+
+    def postprocess(self, probs: np.ndarray, spacing) -> np.ndarray:
+        """Tri-mask from probabilities with the card's post-processing.
+
+        Parameters
+        ----------
+        probs : ndarray (I, J, K, C) float32
+        spacing : 3 floats, voxel size in mm along I, J, K
+
+        Returns
+        -------
+        ndarray (I, J, K) uint8
+        """
+        post = self.card.postprocessing
         if post.get("nwmh_max_ventricle_distance_mm") is not None:
             from ..trimask import enforce_periventricular_nwmh
 
-            spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-            dseg = enforce_periventricular_nwmh(probs, spacing, post["nwmh_max_ventricle_distance_mm"])
-        else:
-            dseg = np.argmax(probs, axis=-1).astype(np.uint8)
-        return Prediction(probs.astype(np.float32), dseg, geom)
+            return enforce_periventricular_nwmh(probs, spacing, post["nwmh_max_ventricle_distance_mm"],
+                                                nwmh=self.card.class_index("NWMH"),
+                                                ventricles=self.card.class_index("VEN"))
+        return np.argmax(probs, axis=-1).astype(np.uint8)
 
 
-_PREDICTORS: dict = {}
-
-
-def get_predictor(weights=None, allow_unverified: bool = False, tta: bool = True) -> Predictor:
-    """A :class:`Predictor` loaded once per process and reused (nipype nodes, many FLAIRs)."""
-    key = (str(weights) if weights else None, bool(allow_unverified), bool(tta))
-    if key not in _PREDICTORS:
-        _PREDICTORS[key] = Predictor(weights, allow_unverified=allow_unverified, tta=tta)
-    return _PREDICTORS[key]
+def _padded_range(lo: int, hi: int, size: int, multiple: int = 16) -> tuple[int, int]:
+    """``[a, b)`` covering ``lo..hi`` plus :data:`CROP_MARGIN_PX`, length a multiple of ``multiple``."""
+    a = max(0, int(lo) - CROP_MARGIN_PX)
+    b = min(size, int(hi) + 1 + CROP_MARGIN_PX)
+    length = min(size, -(-(b - a) // multiple) * multiple)
+    if a + length > size:
+        a = size - length
+    return a, a + length

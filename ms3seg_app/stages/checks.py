@@ -1,0 +1,104 @@
+"""Stage 1: read and sanity-check the input FLAIR.
+
+Policy: images with NaN/Inf voxels are **refused** (such voxels mean a broken
+conversion; silently masking them would hide it); a 4D image with a single volume is
+accepted as 3D. Every refusal names the file and the fix.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..exceptions import InputDataError
+
+LOGGER = logging.getLogger("ms3seg.stages")
+
+MIN_VOXEL_MM, MAX_VOXEL_MM = 0.1, 12.0
+MAX_DIM = 1024
+#: Inferior-superior extent (mm) below which the report warns that the scan cannot hold a brain.
+MIN_SI_COVERAGE_MM = 60.0
+
+
+def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
+    """Load and sanity-check a FLAIR; return it with a clean header (float32 data) and QC warnings.
+
+    Parameters
+    ----------
+    path : path of a NIfTI file
+
+    Returns
+    -------
+    (Nifti1Image (I, J, K) float32 on the input grid with the input's qform/sform, list of str)
+
+    Policy: images with NaN/Inf voxels are **refused** (such voxels mean a broken
+    conversion; silently masking them would hide it); a 4D image with a single volume
+    is accepted as 3D.
+
+    Raises
+    ------
+    InputDataError
+        Unreadable/truncated file, not 3D, constant or all-zero, non-finite voxels,
+        implausible voxel size or shape, or no orientation information. The message
+        names the file and the fix.
+    """
+    path = Path(path)
+    warnings: list[str] = []
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise InputDataError(f"{path}: cannot read the image ({type(exc).__name__}: {exc}). "
+                             "The file is truncated or not NIfTI; re-export it (e.g. with dcm2niix).") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputDataError(f"{path}: expected a 3D FLAIR volume, got shape {data.shape}. "
+                             "Split multi-volume files and give one 3D FLAIR per run.")
+    if min(data.shape) < 2 or max(data.shape) > MAX_DIM:
+        raise InputDataError(f"{path}: implausible image shape {data.shape} for a brain FLAIR "
+                             f"(each axis 2..{MAX_DIM} voxels).")
+    zooms = np.asarray(img.header.get_zooms()[:3], float)
+    if not np.all(np.isfinite(zooms)) or zooms.min() < MIN_VOXEL_MM or zooms.max() > MAX_VOXEL_MM:
+        raise InputDataError(f"{path}: implausible voxel size {tuple(np.round(zooms, 3))} mm "
+                             f"(expected {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm); fix the header's pixdim.")
+    if isinstance(img, nib.Nifti1Image):
+        qcode = int(img.header["qform_code"])
+        scode = int(img.header["sform_code"])
+        if qcode == 0 and scode == 0:
+            raise InputDataError(f"{path}: neither qform nor sform is set, so the orientation of the "
+                                 "image is unknown. Re-convert from DICOM (dcm2niix) or set the sform.")
+        if qcode and scode:
+            q, s = img.get_qform(), img.get_sform()
+            if not np.allclose(q, s, atol=1e-2):
+                warnings.append("qform and sform disagree; the sform was used (nibabel's rule)")
+    if not np.issubdtype(data.dtype, np.number):
+        raise InputDataError(f"{path}: voxel type {data.dtype} is not numeric")
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        n = int((~np.isfinite(data)).sum())
+        raise InputDataError(f"{path}: {n} voxels are NaN or Inf. Such voxels mean a broken conversion; "
+                             "re-export the image, or replace them with 0 if you know why they are there.")
+    # float32 (not float64): half the memory of a large scan; integers convert without overflow
+    data = np.asarray(data, dtype=np.float32)
+    if not np.all(np.isfinite(data)):
+        raise InputDataError(f"{path}: voxel values exceed the float32 range; rescale the image "
+                             "(e.g. fslmaths in -div 1000 out) and re-run.")
+    if data.max() <= data.min():
+        raise InputDataError(f"{path}: the image is constant (every voxel {data.min():g}); it holds no MRI data.")
+    if abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
+        raise InputDataError(f"{path}: the affine is singular; fix the header (qform/sform).")
+    ornt = nib.orientations.io_orientation(img.affine)
+    si_axis = int(np.nonzero(ornt[:, 0] == 2)[0][0])
+    extent = data.shape[si_axis] * float(zooms[si_axis])
+    if extent < MIN_SI_COVERAGE_MM:
+        warnings.append(f"the FLAIR covers only {extent:.0f} mm from inferior to superior "
+                        f"({data.shape[si_axis]} slices); a whole brain needs about 120 mm, so ICV, volumes "
+                        "and lesion counts describe part of the brain only")
+    from ..derivatives import image_like
+
+    out = image_like(data, img, np.float32)
+    return out, warnings
+
+

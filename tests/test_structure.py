@@ -1,0 +1,157 @@
+"""Issue 11: one source of truth (model card), a cache that cannot lie, one lesion definition."""
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+
+
+def _model(path, base_filters=4, seed=0, **card_changes):
+    import keras
+
+    from ms3seg_app.model.card import write_card
+    from ms3seg_app.model.unet import build_unet
+    from ms3seg_app.training.train import TrainConfig, default_card
+
+    keras.utils.set_random_seed(seed)
+    build_unet((None, None, 1), base_filters=base_filters).save(path)
+    card = default_card(TrainConfig(base_filters=base_filters))
+    card.update(card_changes)
+    write_card(card, path)
+    return path
+
+
+def test_changing_the_model_with_a_shared_work_dir_gives_the_fresh_result(tmp_path):
+    """The reported bug: new weights + same -w must not serve the old model's segmentation."""
+    from ms3seg_app.cli.run import main
+
+    m1, m2 = _model(tmp_path / "a.keras", seed=1), _model(tmp_path / "b.keras", seed=2)
+    work = tmp_path / "work"
+    common = ["--participant-label", "02", "--skull-strip", "none", "--skip-bids-validation", "--device", "cpu",
+              "--no-reports", "-w", str(work)]
+    assert main([str(ROOT / "bids_example"), str(tmp_path / "o1"), "participant", "--model", str(m1), *common]) == 0
+    assert main([str(ROOT / "bids_example"), str(tmp_path / "o2"), "participant", "--model", str(m2), *common]) == 0
+    assert main([str(ROOT / "bids_example"), str(tmp_path / "fresh"), "participant", "--model", str(m2),
+                 *common[:-2]]) == 0
+    rel = "sub-02/anat/sub-02_space-orig_label-AWMH_probseg.nii.gz"
+    shared, fresh = (np.asanyarray(nib.load(tmp_path / d / rel).dataobj) for d in ("o2", "fresh"))
+    first = np.asanyarray(nib.load(tmp_path / "o1" / rel).dataobj)
+    assert np.array_equal(shared, fresh) and not np.array_equal(shared, first)
+    from ms3seg_app.model.card import load_card
+
+    side = json.loads((tmp_path / "o2" / rel.replace("label-AWMH_probseg.nii.gz", "desc-trimask_dseg.json"))
+                      .read_text())
+    assert side["ModelSHA256"] == load_card(m2).sha256 != load_card(m1).sha256
+
+
+def test_rerun_with_another_model_into_the_same_output_recomputes(tmp_path):
+    from ms3seg_app.cli.run import main
+
+    m1, m2 = _model(tmp_path / "a.keras", seed=1), _model(tmp_path / "b.keras", seed=2)
+    out = tmp_path / "o"
+    args = [str(ROOT / "bids_example"), str(out), "participant", "--participant-label", "02", "--skull-strip",
+            "none", "--skip-bids-validation", "--device", "cpu", "--no-reports"]
+    assert main([*args, "--model", str(m1)]) == 0
+    side = out / "sub-02/anat/sub-02_space-orig_desc-trimask_dseg.json"
+    first = json.loads(side.read_text())["ModelSHA256"]
+    assert main([*args, "--model", str(m2)]) == 0
+    assert json.loads(side.read_text())["ModelSHA256"] != first
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"classes": [{"index": 0, "name": "bg"}, {"index": 1, "name": "x"}, {"index": 2, "name": "y"}]}, "outputs 4"),
+    ({"input": {"shape": [None, None, None, 3]}}, "channel"),
+    ({"architecture": {"type": "transformer"}}, "architecture"),
+    ({"classes": [{"index": 0}, {"index": 2}]}, "0..n-1"),
+])
+def test_card_that_disagrees_with_the_network_is_refused(tmp_path, change, match):
+    from ms3seg_app.exceptions import ModelError
+    from ms3seg_app.model.card import load_model
+
+    w = _model(tmp_path / "m.keras", **change)
+    with pytest.raises(ModelError, match=match):
+        load_model(w)
+
+
+def test_ensemble_card_loads_every_member_and_averages(tmp_path):
+    from ms3seg_app.model.card import load_card, write_ensemble_card
+    from ms3seg_app.model.predict import Predictor
+    from ms3seg_app.training.train import TrainConfig, default_card
+
+    a, b = _model(tmp_path / "a.keras", seed=1), _model(tmp_path / "b.keras", seed=2)
+    cp = write_ensemble_card(default_card(TrainConfig(base_filters=4)), [a, b], tmp_path / "ens_model_card.json")
+    card = load_card(cp)
+    assert [m.path.name for m in card.members] == ["a.keras", "b.keras"]
+    ens = Predictor.load(cp, tta=False)
+    x = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32) + 0.2
+    mean, spread = ens.predict_slices(x)
+    singles = [Predictor.from_model(m, card.data, tta=False).predict_slices(x)[0] for m in ens.models]
+    np.testing.assert_allclose(mean, np.mean(singles, axis=0), atol=1e-5)
+    np.testing.assert_allclose(spread, np.std([s[..., 3] for s in singles], axis=0), atol=1e-5)
+    same = Predictor(card, [ens.models[0], ens.models[0]], tta=False)
+    assert float(same.predict_slices(x)[1].max()) == 0.0      # identical members: no uncertainty
+
+
+def test_one_lesion_definition_in_table_metrics_and_card():
+    """A 2-voxel lesion of 4 mm³ counts the same in the lesion table, the metrics and the card."""
+    from ms3seg_app.evaluation.metrics import evaluate_dseg
+    from ms3seg_app.lesion_definition import LESION
+    from ms3seg_app.lesions import lesion_table, volume_table
+    from ms3seg_app.training.train import collect_cv  # noqa: F401  (the card's CV block is built there)
+
+    dseg = np.zeros((20, 20, 10), np.uint8)
+    dseg[5, 5, 5] = dseg[5, 6, 5] = 3            # 2 voxels x 2 mm³ = 4 mm³ >= 3 mm³
+    affine = np.diag([1.0, 2.0, 1.0, 1.0])        # 2 mm³ voxels
+    table = lesion_table(dseg, affine)
+    assert len(table) == 1 and table["volume_mm3"].iloc[0] == pytest.approx(4.0)
+    assert volume_table(dseg, affine, table)["lesion_count"] == 1
+    row = [r for r in evaluate_dseg(dseg, dseg, (1.0, 2.0, 1.0)) if r["class"] == 3][0]
+    assert row["n_true_lesions"] == row["n_pred_lesions"] == 1
+    one = dseg.copy()
+    one[5, 6, 5] = 0                               # 2 mm³: not a lesion anywhere
+    assert len(lesion_table(one, affine)) == 0
+    assert [r for r in evaluate_dseg(one, one, (1.0, 2.0, 1.0)) if r["class"] == 3][0]["n_true_lesions"] == 0
+    import inspect
+
+    import ms3seg_app.training.train as train_mod
+
+    assert "LESION.to_dict()" in inspect.getsource(train_mod.collect_cv)
+    assert LESION.to_dict() == {"connectivity": 26, "min_volume_mm3": 3.0}
+
+
+def test_stage_bug_keeps_its_type_and_traceback_reaches_logs(tmp_path, monkeypatch, tiny_model):
+    from ms3seg_app.cli import run
+    import ms3seg_app.lesions as lesions_mod
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("synthetic bug in the lesion stage")
+
+    monkeypatch.setattr(lesions_mod, "lesion_table", broken)
+    out = tmp_path / "o"
+    rc = run.main([str(ROOT / "bids_example"), str(out), "participant", "--participant-label", "02",
+                   "--skull-strip", "none", "--skip-bids-validation", "--device", "cpu", "--no-reports",
+                   "--model", str(tiny_model)])
+    assert rc == 1
+    crash = list((out / "logs").glob("crash-sub-02-*.txt"))
+    assert len(crash) == 1
+    text = crash[0].read_text()
+    assert "ZeroDivisionError: synthetic bug in the lesion stage" in text and "Traceback" in text
+    assert "internal error in stage 'lesion_analysis'" in text
+    assert not (out / "sub-02").exists() or not list((out / "sub-02").rglob("*_dseg.json"))
+
+
+def test_derivative_names_come_from_one_module(tmp_path):
+    from ms3seg_app.derivatives import crash_log_path, flair_outputs, output_prefix, prefix_from_crash_log
+
+    ents = {"subject": "01", "session": "2", "acquisition": "3d", "run": "1"}
+    p = flair_outputs(ents, tmp_path, ["VEN", "AWMH"], ["T1w"])
+    assert p["dseg"].name == "sub-01_ses-2_acq-3d_run-1_space-orig_desc-trimask_dseg.nii.gz"
+    assert p["probseg_AWMH_json"].name == "sub-01_ses-2_acq-3d_run-1_space-orig_label-AWMH_probseg.json"
+    assert p["report"] == tmp_path / "sub-01_ses-2_acq-3d_run-1.html"
+    assert p["dseg"].parent == tmp_path / "sub-01" / "ses-2" / "anat"
+    prefix = output_prefix(ents)
+    assert prefix_from_crash_log(crash_log_path(tmp_path, prefix, "20260101-101010_abcd1234")) == prefix
