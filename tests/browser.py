@@ -24,6 +24,8 @@ def chromium_driver():
     opts.binary_location = chrome
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              # WebGL2 for the embedded NiiVue viewer without a GPU (software rendering of a local file)
+              "--enable-unsafe-swiftshader",
               "--window-size=1300,1600"):
         opts.add_argument(a)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
@@ -54,3 +56,14 @@ def check_page(html: Path, screenshot_name: str) -> "webdriver.Chrome":
     ARTIFACTS.mkdir(exist_ok=True)
     drv.save_screenshot(str(ARTIFACTS / screenshot_name))
     return drv
+
+
+def full_screenshot(drv, name: str) -> Path:
+    """Screenshot of the whole page (beyond the viewport) to ``test-artifacts/<name>``."""
+    import base64
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = drv.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+    path = ARTIFACTS / name
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
