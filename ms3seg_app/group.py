@@ -13,6 +13,11 @@ Outputs (listed in ``.bidsignore``):
 - ``group_desc-trimask_longitudinal.tsv``: change between consecutive sessions.
 - ``group_desc-trimask_qc.tsv``: failed/missing participants and flagged FLAIRs.
 - ``group.html``: the report.
+
+A FLAIR whose results are incomplete (its dseg sidecar, written last by the participant
+level, is missing, or a file that sidecar lists in ``Outputs`` is missing) is flagged
+``incomplete`` in the QC table and kept out of the statistics and the longitudinal
+change; its row stays in the volumes table.
 """
 from __future__ import annotations
 
@@ -44,10 +49,68 @@ def _tsv(df: pd.DataFrame) -> str:
     return df.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a")
 
 
+def missing_outputs(output_dir: Path, sidecar: Path, meta: dict | None) -> list[str] | None:
+    """Files of one FLAIR's results that are missing, as paths relative to ``output_dir``.
+
+    Parameters
+    ----------
+    output_dir : Path
+        The participant level's output folder.
+    sidecar : Path
+        The FLAIR's ``*_space-orig_desc-trimask_dseg.json``: written last by the
+        participant level, it marks the FLAIR as complete, and its ``Outputs`` key lists
+        every file written for the FLAIR, relative to ``output_dir``.
+    meta : dict or None
+        The sidecar's content; ``None`` if it is missing or unreadable.
+
+    Returns
+    -------
+    list of str or None
+        The missing files (the sidecar itself if ``meta`` is None; an explanation if
+        ``Outputs`` is not a list of paths); empty if all exist; ``None`` if the sidecar has
+        no ``Outputs`` (written by an older version), so completeness cannot be checked.
+    """
+    output_dir = Path(output_dir)
+    if meta is None:
+        return [_rel(sidecar, output_dir)]
+    outputs = meta.get("Outputs")
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        return [f"{_rel(sidecar, output_dir)} ('Outputs' is not a list of paths)"]
+    return [o for o in outputs if not (output_dir / o).exists()]
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _incomplete_message(missing: list[str], participant_id: str) -> str:
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    label = str(participant_id).removeprefix("sub-")
+    return (f"incomplete (missing {shown}): re-run the participant level for {participant_id} "
+            f"(--participant-label {label})")
+
+
 def collect_volumes(output_dir: Path) -> pd.DataFrame:
     """Concatenate every ``*_desc-trimask_volumes.tsv`` under ``output_dir`` (sorted, deterministic).
 
-    Also reads each FLAIR's dseg sidecar for the source hash and QC warnings.
+    Also reads each FLAIR's dseg sidecar for the source hash and QC warnings, and checks
+    that the FLAIR's results are complete (:func:`missing_outputs`).
+
+    Parameters
+    ----------
+    output_dir : Path
+        The participant level's output folder.
+
+    Returns
+    -------
+    DataFrame
+        One row per FLAIR, with ``source_sha256``, ``qc_messages``, ``prefix``, ``report``,
+        ``qc_incomplete`` (bool) and ``qc_incomplete_message`` (empty if complete) added.
 
     Raises
     ------
@@ -61,19 +124,33 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         raise InputDataError(f"{output_dir} holds no participant results (*_desc-trimask_volumes.tsv); "
                              "run the participant level first")
     frames = []
+    unchecked = []
     for f in files:
         df = pd.read_csv(f, sep="\t", dtype={k: str for k in KEYS}, keep_default_na=False, na_values=["n/a", ""])
         side = f.with_name(f.name.replace("_desc-trimask_volumes.tsv", "_desc-trimask_dseg.json"))
         try:
             meta = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError):
-            meta = {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            meta = None
+        if not isinstance(meta, dict):
+            meta = None
+        missing = missing_outputs(output_dir, side, meta)
+        if missing is None:
+            unchecked.append(_rel(side, Path(output_dir)))
+        meta = meta or {}
         df["source_sha256"] = meta.get("SourceSHA256", "")
         df["qc_messages"] = "; ".join(meta.get("QCWarnings", []))
         df["prefix"] = f.name.replace("_space-orig_desc-trimask_volumes.tsv", "")
+        df["qc_incomplete"] = bool(missing)
+        df["qc_incomplete_message"] = [_incomplete_message(missing, pid) if missing else ""
+                                       for pid in df["participant_id"]]
         report = Path(output_dir) / f"{df['prefix'].iloc[0]}.html"
         df["report"] = report.name if report.is_file() else ""
         frames.append(df)
+    if unchecked:
+        LOGGER.warning("%d dseg sidecar(s) have no 'Outputs' list (written by an older ms3seg-app), so their "
+                       "completeness is not checked: %s%s", len(unchecked), ", ".join(unchecked[:3]),
+                       " ..." if len(unchecked) > 3 else "")
     df = pd.concat(frames, ignore_index=True)
     for col in ("session_id", "acq", "run"):  # BIDS writes missing entities as n/a
         df[col] = df[col].fillna("n/a")
@@ -97,7 +174,8 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None) -> pd.
     - ``qc_outlier_icv`` / ``qc_outlier_lesion``: robust |z| > 3.5 of ICV / lesion volume
       (only with >= 5 FLAIRs);
     - ``qc_geometry``: slice thickness or in-plane size outside what the model saw;
-    - ``qc_flags``: all flags of the row, ``;``-separated (empty if none).
+    - ``qc_flags``: all flags of the row, ``;``-separated (empty if none), including the
+      ``incomplete (missing ...)`` message of :func:`collect_volumes` where present.
     """
     df = df.copy()
     tg = training_geometry or {"slice_thickness_mm": [4.0, 8.5], "inplane_mm": [0.7, 1.3]}
@@ -112,7 +190,12 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None) -> pd.
                          | (ip < tg["inplane_mm"][0]) | (ip > tg["inplane_mm"][1]))
     names = {"qc_duplicate_input": "identical input to another FLAIR", "qc_outlier_icv": "ICV outlier",
              "qc_outlier_lesion": "lesion-volume outlier", "qc_geometry": "geometry outside training"}
-    df["qc_flags"] = [";".join(v for k, v in names.items() if row[k]) for _, row in df.iterrows()]
+    flags = []
+    for _, row in df.iterrows():
+        msg = row.get("qc_incomplete_message")
+        row_flags = [msg] if isinstance(msg, str) and msg else []
+        flags.append(";".join(row_flags + [v for k, v in names.items() if row[k]]))
+    df["qc_flags"] = flags
     return df
 
 
@@ -254,6 +337,20 @@ def statistics(df: pd.DataFrame, min_group: int = 3) -> tuple[pd.DataFrame, pd.D
 def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, report: bool = True) -> Path:
     """Write the group tables (and report) from the participant results in ``output_dir``.
 
+    FLAIRs with incomplete results are listed in the QC table (flag ``incomplete``) and
+    left out of the statistics and the longitudinal change; this is not an error.
+
+    Parameters
+    ----------
+    bids_dir : Path
+        The BIDS dataset (``participants.tsv`` covariates; FLAIRs for the registration).
+    output_dir : Path
+        The participant level's output folder, where the group files are written.
+    longitudinal : bool
+        Compute the change between consecutive sessions (ANTsPy registration).
+    report : bool
+        Write ``group.html``.
+
     Returns
     -------
     Path of ``group_desc-trimask_volumes.tsv``.
@@ -266,7 +363,7 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
     output_dir = Path(output_dir)
     df = collect_volumes(output_dir)
     card = _model_card_geometry()
-    df = add_qc_flags(df, card)
+    df = add_qc_flags(df, card).drop(columns=["qc_incomplete_message"], errors="ignore")  # now in qc_flags
     pt = Path(bids_dir) / "participants.tsv"
     if pt.is_file():
         cov = pd.read_csv(pt, sep="\t", dtype={"participant_id": str}, keep_default_na=False,
@@ -278,12 +375,16 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
     qc = pd.concat([qc, pd.DataFrame({"participant_id": flagged["participant_id"],
                                       "flair": flagged["prefix"],
                                       "problem": flagged["qc_flags"]})], ignore_index=True)
-    tests, bands = statistics(df)
+    complete = df[~df["qc_incomplete"]] if "qc_incomplete" in df else df
+    if len(complete) < len(df):
+        LOGGER.warning("%d FLAIR(s) with incomplete results are left out of the statistics (see %s)",
+                       len(df) - len(complete), QC_TABLE)
+    tests, bands = statistics(complete)
     long = pd.DataFrame()
     if longitudinal:
         from .longitudinal import longitudinal_changes
 
-        long = longitudinal_changes(df, bids_dir, output_dir)
+        long = longitudinal_changes(complete, bids_dir, output_dir)
     out = output_dir / GROUP_TABLE
     atomic_write_text(out, _tsv(df))
     atomic_write_text(output_dir / STATS_TABLE, _tsv(tests))
