@@ -334,7 +334,8 @@ def methods_text(provenance: dict) -> dict:
     steps = []
     ss = str(p.get("skull_stripping", "none")).lower()
     if ss in ("deepbet", "deep-bet"):
-        steps.append(f"the brain was extracted with deepbet{ver('deepbet')} {cite('deepbet')}")
+        steps.append(f"the brain was extracted with deepbet 1.0.2's networks (ported to Keras, weights bundled) "
+                     f"{cite('deepbet')}")
     elif ss in ("fsl-bet", "bet", "fsl"):
         steps.append(f"the brain was extracted with FSL BET{ver('fsl')} {cite('bet')}")
     elif ss and ss != "none":

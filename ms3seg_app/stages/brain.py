@@ -62,18 +62,11 @@ def brain_mask(img: nib.Nifti1Image, method: str = "auto", work_dir: Path | None
     return mask, method
 
 
-_DEEPBET = None
-
-
 def _bet_deepbet(img: nib.Nifti1Image) -> np.ndarray:
-    global _DEEPBET
-    import torch
-    from deepbet.bet import BrainExtraction
+    """deepbet's networks (Fisch et al. 2024) in Keras: no PyTorch (:mod:`ms3seg_app.brain_extraction`)."""
+    from ..brain_extraction import deepbet_mask
 
-    if _DEEPBET is None:
-        _DEEPBET = BrainExtraction(no_gpu=not torch.cuda.is_available())
-    _, mask_img, _ = _DEEPBET.run(img)
-    mask = np.asanyarray(mask_img.dataobj) > 0
+    mask = deepbet_mask(img)
     if mask.shape != img.shape:
         raise InputDataError(f"deepbet returned a mask of shape {mask.shape} for an image of {img.shape}")
     # deepbet resamples to 256^3 and back by nearest neighbour; fill slice holes left by it
