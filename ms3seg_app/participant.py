@@ -291,7 +291,6 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, options: RunOptio
         "Manual": False, "Atlas": "MS3SEG tri-mask", "Description": "MS3SEG tri-mask by ms3seg-app",
         "Labels": {str(c.index): c.name for c in card.classes},
         "LesionDefinition": _lesion_definition(), "QCWarnings": result.warnings,
-        "StageSeconds": {k: round(v, 3) for k, v in timer.timings.items()},
         "AcquisitionMetadata": safe_metadata(fi.metadata), "Outputs": outputs, **model_info})
     result.timings = timer.timings
     result.seconds = time.time() - t0

@@ -80,11 +80,12 @@ def test_train_and_finetune_from_bids(bids_labelled, tmp_path):
     vols, root, deriv = bids_labelled
     cfg = TrainConfig(base_filters=4, epochs=1, batch_size=4, crop=64, warmup_epochs=0)
     w = train_from_bids(root, deriv, tmp_path / "m1", cfg)
-    model, card, _ = load_model(w)                       # card written, sha256 verified
-    assert card["training"]["data"]["subjects"] == ["104252", "105755"]
+    (model,), card = load_model(w)                       # card written, sha256 verified
+    assert card.data["training"]["data"]["subjects"] == ["104252", "105755"]
     assert model.output_shape[-1] == 4
     cfg2 = TrainConfig(base_filters=16, epochs=1, batch_size=4, crop=64, warmup_epochs=0)
-    w2 = train_from_bids(root, deriv, tmp_path / "m2", cfg2, init=w)   # fine-tune: width from the init card
-    _, card2, _ = load_model(w2)
-    assert card2["architecture"]["base_filters"] == 4
-    assert card2["training"]["data"]["fine_tuned_from"] == str(w)
+    w2 = train_from_bids(root, deriv, tmp_path / "m2", cfg2, init=w)   # fine-tune: the whole initial card
+    (m2,), card2 = load_model(w2)
+    assert card2.architecture["base_filters"] == 4 and card2.preprocessing == card.preprocessing
+    assert card2.data["training"]["data"]["fine_tuned_from"] == str(w)
+    assert m2.count_params() == model.count_params()

@@ -84,7 +84,11 @@ def test_end_to_end_outputs_and_geometry(example_run):
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "ms3seg-app"
     assert (out / "desc-trimask_dseg.tsv").read_text().splitlines()[0] == "index\tname\tabbreviation\tcolor"
     html = (out / "sub-01_ses-01.html").read_text()
-    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    import re
+
+    assert "data:image/png;base64," in html
+    # no resource is loaded from the network (the vendored viewer's code comments may hold URLs)
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", html, re.I)
 
 
 def test_resume_skips_complete_outputs(example_run):

@@ -50,11 +50,11 @@ def test_report_escapes_and_drops_identifying_fields(hostile_dataset, tmp_path, 
 
 def test_storage_order_gives_same_world_segmentation(tmp_path):
     """The same FLAIR stored sagittally / flipped segments to the same world labels."""
-    from ms3seg_app.model.predict import get_predictor
+    from ms3seg_app.model.predict import Predictor
 
     img = nib.load(str(EXAMPLE / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"))
     img = nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine)
-    pred = get_predictor(None, False, True)
+    pred = Predictor.load()
     ref = pred.predict_image(img).dseg
     assert (ref > 0).any()
     for ornt in ([[2, 1], [0, -1], [1, 1]], [[0, -1], [1, -1], [2, 1]]):

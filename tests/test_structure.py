@@ -101,7 +101,6 @@ def test_one_lesion_definition_in_table_metrics_and_card():
     from ms3seg_app.evaluation.metrics import evaluate_dseg
     from ms3seg_app.lesion_definition import LESION
     from ms3seg_app.lesions import lesion_table, volume_table
-    from ms3seg_app.training.train import collect_cv  # noqa: F401  (the card's CV block is built there)
 
     dseg = np.zeros((20, 20, 10), np.uint8)
     dseg[5, 5, 5] = dseg[5, 6, 5] = 3            # 2 voxels x 2 mm³ = 4 mm³ >= 3 mm³
@@ -117,9 +116,9 @@ def test_one_lesion_definition_in_table_metrics_and_card():
     assert [r for r in evaluate_dseg(one, one, (1.0, 2.0, 1.0)) if r["class"] == 3][0]["n_true_lesions"] == 0
     import inspect
 
-    import ms3seg_app.training.train as train_mod
+    import ms3seg_app.training.validate as validate_mod
 
-    assert "LESION.to_dict()" in inspect.getsource(train_mod.collect_cv)
+    assert "LESION.to_dict()" in inspect.getsource(validate_mod.validate)  # the card's CV block
     assert LESION.to_dict() == {"connectivity": 26, "min_volume_mm3": 3.0}
 
 

@@ -16,7 +16,8 @@ def _slice_set():
     labels[4, 4:6, 4:6] = 1
     annotated = np.ones((n, 4), np.float32)
     annotated[3:, 2] = 0
-    return SliceSet(np.zeros((n, 16, 16), np.float32), labels, annotated, np.array(list("abcdef")))
+    return SliceSet(np.zeros((n, 16, 16), np.float32), labels, annotated, np.array(list("abcdef")),
+                    np.array(["ms3seg"] * n), np.ones((n, 16, 16), bool))
 
 
 def test_sampler_oversamples_slices_with_labelled_normal_wmh():

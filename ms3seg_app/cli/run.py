@@ -7,11 +7,12 @@ error; 70 (EX_SOFTWARE) internal error before any FLAIR ran.
 The terminal shows only ms3seg-app's own lines at the default verbosity. TensorFlow,
 absl and CUDA write to the process's standard-error file descriptor from C++, where
 ``TF_CPP_MIN_LOG_LEVEL`` does not reach every message; so, below ``-vv``, file
-descriptor 2 is pointed at ``logs/<run>_native.log`` for the whole run and the console
+descriptor 2 is pointed at ``logs/native_<run>.log`` for the whole run and the console
 handler writes to a duplicate of the original descriptor.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -36,7 +37,6 @@ def _setup_logging(verbose: int, quiet: int, log_file: Path | None, console=None
     root = logging.getLogger("ms3seg")
     root.handlers.clear()
     root.setLevel(logging.DEBUG)
-    root.propagate = False
     h = logging.StreamHandler(console or sys.stderr)
     h.setLevel(level)
     h.setFormatter(logging.Formatter("%(message)s" if verbose == 0 else
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         print(f"ms3seg: cannot create output_dir {opts.output_dir}: {exc}", file=sys.stderr)
         return 2
     stem = f"ms3seg_{opts.analysis_level}_{run_uuid}"
-    console = _redirect_native_stderr(log_dir / f"{stem}_native.log") if opts.verbose < 2 else None
+    console = _redirect_native_stderr(log_dir / f"native_{stem}.log") if opts.verbose < 2 else None
     _setup_logging(opts.verbose, opts.quiet, log_dir / f"{stem}.log", console)
     from ..exceptions import MS3SegError
 
@@ -313,7 +313,7 @@ def _record(prefix, res, err, tb, done, failed, output_dir: Path, run_uuid: str)
                    "%s (%.1f s)", prefix, v.get("lesion_count", 0), v.get("abnormal_wmh_ml", float("nan")),
                    v.get("normal_wmh_ml", float("nan")), v.get("ventricles_ml", float("nan")),
                    f", {len(res.warnings)} QC warning(s)" if res.warnings else "", res.seconds)
-        LOGGER.debug("%s: stage seconds %s", prefix, {k: round(s, 2) for k, s in res.timings.items()})
+        LOGGER.debug("%s: STAGE_SECONDS %s", prefix, json.dumps({k: round(s, 3) for k, s in res.timings.items()}))
         return
     _report_failure(prefix, err, tb, failed, output_dir, run_uuid)
 

@@ -2,9 +2,9 @@
 
 Command line (``python -m ms3seg_app.training.train --help``)::
 
-    # k-fold cross-validation on the development data, then the final model
-    python -m ms3seg_app.training.train cv    --data ../shared/data --out work/cv
-    python -m ms3seg_app.training.train final --data ../shared/data --out work/final --cv work/cv
+    # k-fold cross-validation on the development data; the fold models are the shipped ensemble
+    python -m ms3seg_app.training.train cv       --data ../shared/data --out work/cv_v2
+    python -m ms3seg_app.training.train ensemble --data ../shared/data --cv work/cv_v2 --dest ms3seg_app/data
     # retrain / fine-tune on your own annotated BIDS dataset (manual dseg derivatives)
     python -m ms3seg_app.training.train bids  --bids-dir ds --labels-dir ds/derivatives/manual --out work/mine
 
@@ -13,15 +13,16 @@ random 128x128 crops of 1 mm slices, batch 8, AdamW with a linear warm-up then c
 decay, marginal Dice + cross-entropy (partial labels) + exclusion loss, strong
 augmentation, class-balanced sampling of the rare normal-WMH labels (slices holding them
 drawn 3 times per epoch, their voxels weighted 3 in the cross-entropy), model selection on
-an inner validation subject by mean Dice of the annotated classes. The final model is
-trained on every usable subject for the median best epoch of the folds.
+an inner validation subject by mean Dice of the annotated classes. Model v2 adds
+the external lesion slices of other sites (each fold holds one source out), the
+tissue-mode intensity anchor and domain-randomised augmentation; the three fold models
+are shipped as an ensemble (nnU-Net's recipe), validated by :mod:`.validate`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -423,77 +424,20 @@ def run_cv(data: Path, out: Path, cfg: TrainConfig, k: int = 3, folds_only: list
     return summarise(all_rows)
 
 
-def collect_cv(cv_dir: Path) -> dict:
-    """Per-fold results and their mean per class, for the model card."""
-    folds = [json.loads(p.read_text()) for p in sorted(cv_dir.glob("fold*_results.json"))]
-    rows = [r for f in folds for r in f["rows"]]
-    return {
-        "scheme": f"{len(folds)}-fold subject-level cross-validation; inner validation subject for model selection",
-        "splits": json.loads((cv_dir / "splits.json").read_text())["folds"],
-        "lesion_definition": LESION.to_dict(),
-        "per_fold": [{"fold": f["fold"], "test": f["test"], "best_epoch": f["best_epoch"],
-                      "summary": f["summary"]} for f in folds],
-        "per_subject": [{k: r[k] for k in ("fold", "subject", "class_name", "dice", "hd95_mm", "avd",
-                                           "lesion_f1") if k in r}
-                        for r in rows if r.get("variant", "post") == "post"],
-        "mean": summarise(rows),
-        "mean_raw_argmax": summarise(rows, "raw"),
-        "best_epochs": [f["best_epoch"] for f in folds],
-    }
-
-
-def run_final(data: Path, out: Path, cfg: TrainConfig, cv_dir: Path | None, dest: Path | None,
-              epochs_from_cv: bool = True) -> Path:
-    """Train on every usable subject and write ``<dest>/<name>.keras`` with its card.
-
-    With ``cv_dir`` the card gets the cross-validation results, and (``epochs_from_cv``)
-    the number of epochs is the median best epoch of the folds.
-    """
-    from ..model.card import write_card
-
-    out.mkdir(parents=True, exist_ok=True)
-    vols, pngs = load_development_data(data)
-    card = default_card(cfg)
-    cv = collect_cv(cv_dir) if cv_dir else None
-    if cv:
-        if epochs_from_cv:
-            cfg.epochs = int(math.ceil(float(np.median(cv["best_epochs"]))))
-            card["training"]["config"] = asdict(cfg)
-        card["cross_validation"] = cv
-    subjects = [v.subject for v in vols]
-    t0 = time.time()
-    model, hist = fit(_slices_for(vols, pngs, subjects, card["preprocessing"]), None, cfg,
-                      log_path=out / "final_history.json")
-    card["training"]["data"] = {
-        "subjects": subjects, "n_subjects": len(subjects),
-        "n_png_slices": len(pngs),
-        "sources": ["MS3SEG cohort samples (Bashiri Bawil et al., Sci Data 2025), MIT-licensed repositories "
-                    "Mahdi-Bashiri/MRI_MS_Insights@db0568d, Mahdi-Bashiri/Sim-Vent-WMH-Seg@914e4ed, "
-                    "Mahdi-Bashiri/wmh-normal-abnormal-segmentation@286121b; Toshiba Vantage 1.5 T, "
-                    "2D axial FLAIR 0.9x0.9x6.5-8 mm"],
-        "excluded": "a subject whose FLAIR is identical to another subject's and whose masks do not fit it",
-        "annotated_classes": "ventricles+abnormal WMH (9 subjects), all classes (2 subjects), "
-                             "normal+abnormal WMH (20 slices)",
-    }
-    card["training"]["seconds"] = time.time() - t0
-    dest = dest or out
-    dest.mkdir(parents=True, exist_ok=True)
-    weights = dest / f"{card['name'].replace('-', '_')}.keras"
-    save_inference_model(model, weights)
-    write_card(card, weights)
-    return weights
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("cv", "final", "bids"):
+    ens = sub.add_parser("ensemble", help="validate the fold models and write them as the bundled ensemble")
+    ens.add_argument("--data", type=Path, required=True, help="development data folder")
+    ens.add_argument("--cv", type=Path, required=True, help="folder of a finished 'cv' run")
+    ens.add_argument("--dest", type=Path, required=True, help="where to write the members and their card")
+    for name in ("cv", "bids"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
         p.add_argument("--base-filters", type=int, default=TrainConfig.base_filters)
         p.add_argument("--seed", type=int, default=0)
-        if name in ("cv", "final"):
+        if name == "cv":
             p.add_argument("--data", type=Path, required=True, help="development data folder")
         p.add_argument("--exclusion-weight", type=float, default=TrainConfig.exclusion_weight)
         p.add_argument("--patience", type=int, default=TrainConfig.patience)
@@ -507,10 +451,6 @@ def main(argv=None) -> int:
         if name == "cv":
             p.add_argument("-k", type=int, default=3)
             p.add_argument("--folds", type=int, nargs="*")
-        if name == "final":
-            p.add_argument("--cv", type=Path, help="cross-validation folder (sets epochs, fills the card)")
-            p.add_argument("--dest", type=Path, help="where to write the .keras and its card")
-            p.add_argument("--fixed-epochs", action="store_true", help="keep --epochs even with --cv")
         if name == "bids":
             p.add_argument("--bids-dir", type=Path, required=True)
             p.add_argument("--labels-dir", type=Path, required=True,
@@ -518,6 +458,11 @@ def main(argv=None) -> int:
             p.add_argument("--init", type=Path, help="weights to fine-tune from")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.cmd == "ensemble":
+        from .validate import assemble_ensemble
+
+        LOGGER.info("wrote %s", assemble_ensemble(args.data, args.cv, args.dest))
+        return 0
     cfg = TrainConfig(epochs=args.epochs, base_filters=args.base_filters, seed=args.seed,
                       exclusion_weight=args.exclusion_weight, patience=args.patience, crop=args.crop,
                       nwmh_oversample=args.nwmh_oversample, nwmh_ce_weight=args.nwmh_ce_weight,
@@ -525,9 +470,6 @@ def main(argv=None) -> int:
     if args.cmd == "cv":
         summary = run_cv(args.data, args.out, cfg, args.k, args.folds)
         LOGGER.info("cross-validation mean: %s", json.dumps(summary, indent=1))
-    elif args.cmd == "final":
-        LOGGER.info("wrote %s", run_final(args.data, args.out, cfg, args.cv, args.dest,
-                                                   epochs_from_cv=not args.fixed_epochs))
     else:
         from .bids_data import train_from_bids
         LOGGER.info("wrote %s", train_from_bids(args.bids_dir, args.labels_dir, args.out, cfg, args.init))

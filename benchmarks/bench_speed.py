@@ -1,0 +1,169 @@
+"""Benchmark: whole-process time per FLAIR against the MS3SEG seed's bare model (issue 14).
+
+    python benchmarks/bench_speed.py [--skull-strip auto] [--many 4] [--big]
+
+For a clinical 2D FLAIR (256x256x20, 0.9x0.9x6.5 mm) and a 1 mm 3D FLAIR (182x218x182),
+both synthetic heads made here (speed does not depend on content), it prints:
+
+- the participant level for one FLAIR, in a fresh process, default options, with the
+  time of each stage (from the dseg sidecar's ``StageSeconds``) and the rest as
+  start-up/indexing/validation; peak memory (``ru_maxrss`` of the child);
+- the seed yardstick measured in the same run: a fresh process that loads the FLAIR,
+  min-max scales it, resizes each slice to 256x256 and predicts with MS3SEG's U-Net of
+  base width 64 (random weights; speed does not depend on them), as a user of the MS3SEG
+  repository runs it; and the ratio ours / seed (target <= 0.5);
+- ``--many N``: N FLAIRs in one run, amortised seconds per FLAIR ((t_N - t_1) / (N - 1));
+- a rerun whose outputs are complete (target < 3 s);
+- ``--nprocs``: 4 FLAIRs with 1 and with 2 worker processes;
+- ``--big``: a 512x512x300 FLAIR (an upsampled clinical scan): time, peak memory, output size.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+SEED = r'''
+import sys, time
+t0 = time.perf_counter()
+import numpy as np, nibabel as nib, keras
+from keras import layers as L
+from scipy import ndimage
+def block(x, f):
+    for _ in range(2):
+        x = L.Conv2D(f, 3, padding="same")(x); x = L.BatchNormalization()(x); x = L.Activation("relu")(x)
+    return x
+inp = L.Input((256, 256, 1)); skips, x = [], inp
+for lvl in range(4):
+    x = block(x, 64 * 2**lvl); skips.append(x); x = L.MaxPooling2D(2)(x)
+x = block(x, 1024)
+for lvl in reversed(range(4)):
+    x = L.concatenate([L.UpSampling2D(2)(x), skips[lvl]]); x = block(x, 64 * 2**lvl)
+model = keras.Model(inp, L.Conv2D(4, 1, activation="softmax")(x))
+img = nib.load(sys.argv[1]); d = np.asarray(img.dataobj, np.float32)
+d = (d - d.min()) / (d.max() - d.min())
+sl = np.stack([ndimage.zoom(d[:, :, k], (256 / d.shape[0], 256 / d.shape[1]), order=1) for k in range(d.shape[2])])
+p = model.predict(sl[..., None], batch_size=8, verbose=0)
+print(f"SEED {time.perf_counter() - t0:.2f}")
+'''
+
+
+def phantom(shape, zooms, seed=0) -> np.ndarray:
+    """A head-like FLAIR: scalp, skull gap, brain, dark ventricles, bright lesions (float32)."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * z for n, z in zip(shape, zooms)], indexing="ij")
+    r = np.sqrt((grid[0] / 75) ** 2 + (grid[1] / 92) ** 2 + (grid[2] / 70) ** 2)
+    img = np.zeros(shape, np.float32)
+    img[r < 1.0] = 900.0            # scalp
+    img[r < 0.93] = 80.0            # skull
+    img[r < 0.88] = 400.0           # brain
+    vent = np.sqrt((grid[0] / 12) ** 2 + (grid[1] / 30) ** 2 + (grid[2] / 18) ** 2) < 1
+    img[vent] = 60.0
+    for _ in range(12):
+        c = [rng.uniform(-30, 30), rng.uniform(-40, 40), rng.uniform(-25, 25)]
+        les = sum(((g - ci) / 4) ** 2 for g, ci in zip(grid, c)) < 1
+        img[les & (r < 0.8)] = 700.0
+    return img + rng.normal(0, 10, shape).astype(np.float32) * (img > 0)
+
+
+def make_bids(root: Path, shape, zooms, n: int = 1) -> Path:
+    import nibabel as nib
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "bench", "BIDSVersion": "1.10.0"}))
+    aff = np.diag([*zooms, 1.0])
+    aff[:3, 3] = -np.array(shape) * np.array(zooms) / 2
+    data = phantom(shape, zooms)
+    for i in range(n):
+        d = root / f"sub-{i + 1:02d}" / "anat"
+        d.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data.astype(np.int16), aff), d / f"sub-{i + 1:02d}_FLAIR.nii.gz")
+    return root
+
+
+WRAP = ("import resource, runpy, sys\nsys.argv = sys.argv[1:]\ncode = 0\ntry:\n"
+        "    runpy.run_module(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    code = e.code or 0\n"
+        "print('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\nsys.exit(code)")
+
+
+def run(argv, label: str) -> tuple[float, float, int]:
+    """Run a child process; return (seconds, its own peak RSS in MB, rc)."""
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, env=ENV, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    peak = next((float(ln.split()[1]) for ln in r.stdout.splitlines() if ln.startswith("PEAK_MB")), float("nan"))
+    if r.returncode not in (0,):
+        print(f"  {label}: rc={r.returncode}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return dt, peak, r.returncode
+
+
+def participant(bids: Path, out: Path, *extra) -> list:
+    return [sys.executable, "-c", WRAP, "ms3seg_app", str(bids), str(out), "participant", "--skip-bids-validation",
+            "-q", *extra]
+
+
+def stage_seconds(out: Path) -> dict:
+    """Stage times of the first FLAIR, from the run log's ``STAGE_SECONDS`` line."""
+    for log in sorted((out / "logs").glob("ms3seg_participant_*.log")):
+        for ln in log.read_text().splitlines():
+            if "STAGE_SECONDS" in ln:
+                return json.loads(ln.split("STAGE_SECONDS", 1)[1])
+    return {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skull-strip", default="auto")
+    ap.add_argument("--many", type=int, default=4)
+    ap.add_argument("--nprocs", action="store_true")
+    ap.add_argument("--big", action="store_true")
+    ap.add_argument("--only", choices=["2d", "3d"], default=None)
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ms3seg_bench_"))
+    scans = {"2d": ((256, 256, 20), (0.9, 0.9, 6.5)), "3d": ((182, 218, 182), (1.0, 1.0, 1.0))}
+    try:
+        for name, (shape, zooms) in scans.items():
+            if a.only and name != a.only:
+                continue
+            bids = make_bids(tmp / f"bids_{name}", shape, zooms)
+            flair = next(bids.rglob("*_FLAIR.nii.gz"))
+            seed_s, seed_peak, _ = run([sys.executable, "-c", "import json\n" + SEED, str(flair)], "seed")
+            out = tmp / f"out_{name}"
+            ours, peak, rc = run(participant(bids, out, "--skull-strip", a.skull_strip), "ours")
+            st = stage_seconds(out) if rc == 0 else {}
+            rest = ours - sum(st.values())
+            print(f"{name} {shape}: ours {ours:.1f} s (peak {peak:.0f} MB), seed bare model {seed_s:.1f} s, "
+                  f"ratio {ours / seed_s:.2f} (target <= 0.5)")
+            print("   stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
+                  + f"; start-up+indexing+validation+writing top level {rest:.2f}")
+            t_re, _, _ = run(participant(bids, out, "--skull-strip", a.skull_strip), "rerun")
+            print(f"   complete rerun: {t_re:.2f} s (target < 3 s)")
+            if a.many > 1:
+                many = make_bids(tmp / f"many_{name}", shape, zooms, a.many)
+                t_n, _, _ = run(participant(many, tmp / f"outmany_{name}", "--skull-strip", a.skull_strip), "many")
+                print(f"   {a.many} FLAIRs in one run: {t_n:.1f} s, amortised {(t_n - ours) / (a.many - 1):.1f} s "
+                      f"per FLAIR (targets: 2D <= 3 s, 3D <= 15 s)")
+                if a.nprocs:
+                    t_p, _, _ = run(participant(many, tmp / f"outpar_{name}", "--skull-strip", a.skull_strip,
+                                                "--nprocs", "2"), "nprocs")
+                    print(f"   {a.many} FLAIRs with --nprocs 2: {t_p:.1f} s (serial {t_n:.1f} s)")
+        if a.big:
+            bids = make_bids(tmp / "bids_big", (512, 512, 300), (0.45, 0.45, 0.6))
+            out = tmp / "out_big"
+            t, peak, rc = run(participant(bids, out, "--skull-strip", a.skull_strip), "big")
+            size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "logs" not in p.parts)
+            print(f"512x512x300: {t:.1f} s, peak {peak:.0f} MB (target <= 4 GB), outputs {size / 1e6:.1f} MB, rc={rc}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Issue 13 (reliability round 2) and issue 12 (terminal, derivatives validity)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+EXAMPLE = ROOT / "bids_example"
+SECRET = "PatientName=Doe^Jane DOB=19700101"
+
+
+def _run(argv):
+    from ms3seg_app.cli.run import main
+
+    return main([str(a) for a in argv])
+
+
+def _one_subject(tmp_path, sub="02"):
+    bids = tmp_path / "bids"
+    shutil.copytree(EXAMPLE, bids)
+    return bids, bids / f"sub-{sub}" / "anat" / f"sub-{sub}_FLAIR.nii.gz"
+
+
+def test_no_free_text_or_extensions_from_input_headers(tmp_path, tiny_model):
+    bids, flair = _one_subject(tmp_path)
+    img = nib.load(flair)
+    hdr = img.header.copy()
+    hdr["descrip"] = SECRET.encode()
+    hdr["aux_file"] = b"Doe^Jane"
+    hdr["intent_name"] = b"DOB1970"
+    hdr.extensions.append(nib.nifti1.Nifti1Extension(6, SECRET.encode()))
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, hdr), flair)
+    t1 = bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    shutil.copy(bids / "sub-01" / "ses-01" / "anat" / "sub-01_ses-01_T1w.nii.gz", t1)
+    t1img = nib.load(t1)
+    nib.save(nib.Nifti1Image(np.asanyarray(t1img.dataobj), t1img.affine, hdr), t1)
+    out = tmp_path / "out"
+    assert _run([bids, out, "participant", "--participant-label", "02", "--skull-strip", "none",
+                 "--skip-bids-validation", "--device", "cpu", "--no-reports", "--model", tiny_model]) == 0
+    images = sorted((out / "sub-02").rglob("*.nii.gz"))
+    assert len(images) >= 6  # dseg, mask, 3 probsegs, coregistered T1w
+    for p in images:
+        raw = p.read_bytes()
+        import gzip
+
+        body = gzip.decompress(raw)
+        assert b"Doe^Jane" not in body and b"DOB" not in body, p.name
+        o = nib.load(p)
+        assert len(o.header.extensions) == 0
+        np.testing.assert_allclose(o.affine, img.affine, atol=1e-5)
+
+
+def test_qform_only_input_keeps_its_codes(tmp_path, tiny_model):
+    bids, flair = _one_subject(tmp_path)
+    img = nib.load(flair)
+    q = nib.Nifti1Image(np.asanyarray(img.dataobj), None)
+    q.set_qform(img.affine, code=1)
+    q.set_sform(None, code=0)
+    nib.save(q, flair)
+    out = tmp_path / "out"
+    assert _run([bids, out, "participant", "--participant-label", "02", "--skull-strip", "none",
+                 "--skip-bids-validation", "--device", "cpu", "--no-reports", "--model", tiny_model]) == 0
+    d = nib.load(out / "sub-02" / "anat" / "sub-02_space-orig_desc-trimask_dseg.nii.gz")
+    assert (int(d.header["qform_code"]), int(d.header["sform_code"])) == (1, 0)
+    np.testing.assert_allclose(d.affine, img.affine, atol=1e-4)
+
+
+def test_two_slice_flair_is_processed_with_a_coverage_warning(tmp_path, tiny_model):
+    bids, flair = _one_subject(tmp_path)
+    img = nib.load(flair)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:, :, 9:11], img.affine, img.header), flair)
+    out = tmp_path / "out"
+    assert _run([bids, out, "participant", "--participant-label", "02", "--skull-strip", "none",
+                 "--skip-bids-validation", "--device", "cpu", "--no-reports", "--model", tiny_model]) == 0
+    side = json.loads((out / "sub-02" / "anat" / "sub-02_space-orig_desc-trimask_dseg.json").read_text())
+    assert any("covers only" in w for w in side["QCWarnings"])
+
+
+def test_probsegs_are_compact_and_round_trip_within_1_255(tmp_path):
+    from ms3seg_app.derivatives import atomic_save_nifti, probability_image
+
+    rng = np.random.default_rng(0)
+    p = rng.random((64, 64, 20)).astype(np.float32)
+    p[:10] = 0.0
+    ref = nib.Nifti1Image(np.zeros((64, 64, 20), np.float32), np.diag([0.9, 0.9, 6.5, 1.0]))
+    path = tmp_path / "p.nii.gz"
+    atomic_save_nifti(probability_image(p, ref), path)
+    back = nib.load(path)
+    assert back.get_data_dtype() == np.uint8
+    got = np.asarray(back.dataobj, np.float64)
+    assert np.abs(got - p).max() <= 0.5 / 255 + 1e-6
+    assert np.all(got[:10] == 0.0)
+
+
+def test_derivatives_pass_the_bids_validator(tmp_path, tiny_model):
+    exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator-deno",
+                                                                  path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("bids-validator-deno is not installed")
+    out = tmp_path / "out"
+    assert _run([EXAMPLE, out, "participant", "--skull-strip", "none", "--skip-bids-validation", "--device", "cpu",
+                 "--model", tiny_model]) == 0
+    assert _run([EXAMPLE, out, "group"]) == 0
+    env = dict(os.environ, DENO_NO_UPDATE_CHECK="1")
+    res = subprocess.run([exe, str(out), "--json"], capture_output=True, text=True, timeout=300, env=env)
+    report = json.loads(res.stdout)
+    errors = [i for i in report["issues"]["issues"] if i.get("severity") == "error"]
+    assert errors == [], errors[:5]
+
+
+NOISE = ("tensorflow", "absl", "cuda", "cuInit", "oneDNN", "E0000", "I0000", "W0000", "WARNING: All log messages")
+
+
+def test_console_shows_only_our_lines(tmp_path, tiny_model):
+    """Subprocess run at the default verbosity: no TensorFlow/absl/CUDA lines, one line per FLAIR."""
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "ms3seg_app", str(EXAMPLE), str(out), "participant", "--skull-strip", "none",
+           "--skip-bids-validation", "--model", str(tiny_model)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text
+    for word in NOISE:
+        assert word.lower() not in text.lower(), (word, text)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    for prefix in ("sub-01_ses-01", "sub-01_ses-02", "sub-02"):
+        assert any(ln.startswith(f"{prefix}: ") and "lesion" in ln and "mL" in ln for ln in lines), text
+    assert any("3 succeeded, 0 failed" in ln for ln in lines)
+    assert any("next: ms3seg" in ln and "group" in ln for ln in lines)
+    # the native noise went to the log folder instead
+    assert list((out / "logs").glob("native_*.log"))
+    # a complete rerun says so per FLAIR and never imports TensorFlow
+    res2 = subprocess.run(cmd + ["-v"], capture_output=True, text=True, timeout=300, env=env)
+    assert res2.returncode == 0
+    assert (res2.stdout + res2.stderr).count("skipped (outputs complete)") == 3
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys; from ms3seg_app.cli.run import main; "
+        f"rc = main({[str(EXAMPLE), str(out), 'participant', '--skip-bids-validation', '--skull-strip', 'none', '--model', str(tiny_model)]!r}); "
+        "print('TF', 'tensorflow' in sys.modules, 'keras' in sys.modules); sys.exit(rc)")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert probe.returncode == 0 and "TF False False" in probe.stdout, probe.stdout + probe.stderr
+    group = subprocess.run([sys.executable, "-m", "ms3seg_app", str(EXAMPLE), str(out), "group"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    gtext = group.stdout + group.stderr
+    assert group.returncode == 0, gtext
+    assert "group: read 3 FLAIR result(s) of 2 participant(s)" in gtext and "group.html" in gtext
+
+
+def test_failed_flair_is_one_line_with_the_traceback_in_logs(tmp_path, tiny_model):
+    bids, flair = _one_subject(tmp_path)
+    flair.write_bytes(flair.read_bytes()[:3000])  # truncated
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ms3seg_app", str(bids), str(out), "participant", "--skull-strip", "none",
+           "--skip-bids-validation", "--device", "cpu", "--no-reports", "--model", str(tiny_model)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    text = res.stdout + res.stderr
+    assert res.returncode == 1
+    assert "Traceback" not in text
+    failed = [ln for ln in text.splitlines() if "FAILED" in ln]
+    assert len(failed) == 1 and "sub-02_FLAIR.nii.gz" in failed[0] and "re-export" in failed[0]
+    assert any(ln.startswith("sub-01_ses-01: ") for ln in text.splitlines())   # the others were processed
+    crash = list((out / "logs").glob("crash-sub-02-*.txt"))
+    assert crash and "Traceback" in crash[0].read_text()
+    assert not (out / "sub-02").exists() or not list((out / "sub-02").rglob("*.nii.gz"))
