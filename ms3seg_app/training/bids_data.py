@@ -143,10 +143,10 @@ def train_from_bids(bids_dir: Path, labels_dir: Path, out: Path, cfg, init: Path
         model, hist = fit(train, val, cfg, log_path=None, init_model=init_model)
         suffix = f"_member{i}" if len(init_models) > 1 else ""
         members.append(save_inference_model(model, out / f"{stem}{suffix}.keras"))
-        best.append(hist["best_epoch"])
+        best.append(hist["kept_epoch"])
     card["training"]["data"] = {"bids_dir": str(bids_dir), "subjects": subjects, "validation": val_subj,
                                 "fine_tuned_from": str(init) if init else None}
-    card["training"]["best_epoch"] = best
+    card["training"]["kept_epoch"] = best
     if len(members) == 1:
         write_card(card, members[0])
         return card_path_for(members[0])

@@ -262,7 +262,8 @@ def assemble_ensemble(data: Path, cv_dir: Path, dest: Path) -> Path:
                         "uncertainty": "per voxel: standard deviation of the members' abnormal-WMH probability; "
                                        "per lesion (lesion table 'uncertainty'): twice its mean over the lesion, "
                                        "0 = members agree, 1 = maximal disagreement"}
-    card["training"]["folds"] = [{"fold": i, "best_epoch": hist[i]["best_epoch"],
+    card["training"]["folds"] = [{"fold": i, "kept_epoch": hist[i].get("kept_epoch", hist[i]["best_epoch"]),
+                                  "best_validation_epoch": hist[i]["best_epoch"],
                                   "epochs_run": len(hist[i]["epochs"]),
                                   "seconds": hist[i]["epochs"][-1]["time"] - hist[i]["epochs"][0]["time"]}
                                  for i in sorted(models)]
