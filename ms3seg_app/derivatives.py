@@ -217,6 +217,28 @@ def crash_log_path(output_dir: Path, prefix: str, run_uuid: str) -> Path:
     return Path(output_dir) / "logs" / f"{CRASH_PREFIX}{prefix}-{run_uuid}.txt"
 
 
+def used_card_path(output_dir: Path, card_sha256: str) -> Path:
+    """``models/<sha256[:16]>_model_card.json``: the card a participant run used, kept with its outputs."""
+    return Path(output_dir) / "models" / f"{card_sha256[:16]}_model_card.json"
+
+
+def write_used_card(output_dir: Path, card) -> Path:
+    """Copy a ModelCard's file into ``models/`` (atomic, only if absent: the name is its content hash)."""
+    dest = used_card_path(output_dir, card.sha256)
+    if card.path is not None and not dest.exists():
+        atomic_write_bytes(dest, Path(card.path).read_bytes())
+    return dest
+
+
+def read_used_card(output_dir: Path, card_sha256: str) -> dict | None:
+    """The card (JSON dict) a sidecar's ``ModelSHA256`` names, or None if it is not in ``models/``."""
+    p = used_card_path(output_dir, card_sha256)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def prefix_from_crash_log(path: Path) -> str:
     """The FLAIR prefix a crash log names (inverse of :func:`crash_log_path`; run ids hold one ``-``)."""
     return Path(path).name[len(CRASH_PREFIX):].rsplit("-", 2)[0]

@@ -32,11 +32,13 @@ from .derivatives import atomic_write_text
 from .exceptions import InputDataError
 
 LOGGER = logging.getLogger("ms3seg.group")
-GROUP_TABLE = "group_desc-trimask_volumes.tsv"
-STATS_TABLE = "group_desc-trimask_stats.tsv"
-AGEBAND_TABLE = "group_desc-trimask_agebands.tsv"
-LONG_TABLE = "group_desc-trimask_longitudinal.tsv"
-QC_TABLE = "group_desc-trimask_qc.tsv"
+from .derivatives import GROUP_OUTPUTS, prefix_from_crash_log  # noqa: E402  (the one place outputs are named)
+
+GROUP_TABLE = GROUP_OUTPUTS["volumes"]
+STATS_TABLE = GROUP_OUTPUTS["stats"]
+AGEBAND_TABLE = GROUP_OUTPUTS["agebands"]
+LONG_TABLE = GROUP_OUTPUTS["longitudinal"]
+QC_TABLE = GROUP_OUTPUTS["qc"]
 KEYS = ["participant_id", "session_id", "acq", "run"]
 BURDEN = ["abnormal_wmh_ml", "normal_wmh_ml", "ventricles_ml",
           "abnormal_wmh_icv_fraction", "normal_wmh_icv_fraction", "ventricles_icv_fraction"]
@@ -139,6 +141,7 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
             unchecked.append(_rel(side, Path(output_dir)))
         meta = meta or {}
         df["source_sha256"] = meta.get("SourceSHA256", "")
+        df["model_sha256"] = meta.get("ModelSHA256", "")
         df["qc_messages"] = "; ".join(meta.get("QCWarnings", []))
         df["prefix"] = f.name.replace("_space-orig_desc-trimask_volumes.tsv", "")
         df["qc_incomplete"] = bool(missing)
@@ -167,13 +170,16 @@ def robust_z(x: pd.Series) -> pd.Series:
     return (x - med) / mad
 
 
-def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None) -> pd.DataFrame:
+def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
+                 geometries: dict | None = None) -> pd.DataFrame:
     """Add QC flag columns.
 
     - ``qc_duplicate_input``: the same FLAIR content (sha256) under another subject/session;
     - ``qc_outlier_icv`` / ``qc_outlier_lesion``: robust |z| > 3.5 of ICV / lesion volume
       (only with >= 5 FLAIRs);
-    - ``qc_geometry``: slice thickness or in-plane size outside what the model saw;
+    - ``qc_geometry``: slice thickness or in-plane size outside what the model saw: the
+      training geometry of the model each row's sidecar names (``geometries``, keyed by
+      model sha256), else ``training_geometry``;
     - ``qc_flags``: all flags of the row, ``;``-separated (empty if none), including the
       ``incomplete (missing ...)`` message of :func:`collect_volumes` where present.
     """
@@ -186,8 +192,13 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None) -> pd.
     df["qc_outlier_lesion"] = enough & (robust_z(df["abnormal_wmh_ml"]).abs() > OUTLIER_Z)
     th = pd.to_numeric(df.get("slice_thickness_mm"), errors="coerce")
     ip = pd.to_numeric(df.get("inplane_mm"), errors="coerce")
-    df["qc_geometry"] = ((th < tg["slice_thickness_mm"][0]) | (th > tg["slice_thickness_mm"][1])
-                         | (ip < tg["inplane_mm"][0]) | (ip > tg["inplane_mm"][1]))
+    shas = df["model_sha256"] if "model_sha256" in df else pd.Series("", index=df.index)
+    rows_tg = [(geometries or {}).get(s) or tg for s in shas]
+    lo_t = pd.Series([g["slice_thickness_mm"][0] for g in rows_tg], index=df.index)
+    hi_t = pd.Series([g["slice_thickness_mm"][1] for g in rows_tg], index=df.index)
+    lo_i = pd.Series([g["inplane_mm"][0] for g in rows_tg], index=df.index)
+    hi_i = pd.Series([g["inplane_mm"][1] for g in rows_tg], index=df.index)
+    df["qc_geometry"] = (th < lo_t) | (th > hi_t) | (ip < lo_i) | (ip > hi_i)
     names = {"qc_duplicate_input": "identical input to another FLAIR", "qc_outlier_icv": "ICV outlier",
              "qc_outlier_lesion": "lesion-volume outlier", "qc_geometry": "geometry outside training"}
     flags = []
@@ -205,7 +216,7 @@ def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> pd
     done = set(df["prefix"])
     crashed = set()
     for crash in sorted((Path(output_dir) / "logs").glob("crash-*.txt")):
-        prefix = crash.name[len("crash-"):].rsplit("-", 2)[0]
+        prefix = prefix_from_crash_log(crash)
         if prefix in done:  # failed once, succeeded on a later run
             continue
         lines = [ln for ln in crash.read_text().splitlines() if ln.strip()]
@@ -362,8 +373,7 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
     """
     output_dir = Path(output_dir)
     df = collect_volumes(output_dir)
-    card = _model_card_geometry()
-    df = add_qc_flags(df, card).drop(columns=["qc_incomplete_message"], errors="ignore")  # now in qc_flags
+    df = add_qc_flags(df, None, _model_geometries(output_dir, df)).drop(columns=["qc_incomplete_message"], errors="ignore")  # now in qc_flags
     pt = Path(bids_dir) / "participants.tsv"
     if pt.is_file():
         cov = pd.read_csv(pt, sep="\t", dtype={"participant_id": str}, keep_default_na=False,
@@ -399,10 +409,18 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
     return out
 
 
-def _model_card_geometry() -> dict | None:
-    try:
-        from .model.card import bundled_weights, read_card
+def _model_geometries(output_dir: Path, df: pd.DataFrame) -> dict:
+    """Training geometry of each model the participant sidecars name (by card sha256).
 
-        return read_card(bundled_weights()).get("training_geometry")
-    except Exception:  # the group level must not depend on a loadable model
-        return None
+    The participant level copies the card it used into ``models/`` of the output folder;
+    a card that cannot be found there is looked up as the bundled one, else skipped
+    (the default geometry then applies).
+    """
+    from .derivatives import read_used_card
+
+    out = {}
+    for sha in sorted(set(df.get("model_sha256", pd.Series(dtype=str))) - {""}):
+        card = read_used_card(output_dir, sha)
+        if card is not None:
+            out[sha] = card.get("training_geometry")
+    return out

@@ -154,3 +154,20 @@ def test_derivative_names_come_from_one_module(tmp_path):
     assert p["dseg"].parent == tmp_path / "sub-01" / "ses-2" / "anat"
     prefix = output_prefix(ents)
     assert prefix_from_crash_log(crash_log_path(tmp_path, prefix, "20260101-101010_abcd1234")) == prefix
+
+
+def test_group_uses_the_card_each_sidecar_names(tmp_path):
+    """Geometry QC follows the model that made each result, not the bundled one."""
+    import pandas as pd
+
+    from ms3seg_app.cli.run import main
+
+    narrow = _model(tmp_path / "narrow.keras", training_geometry={"slice_thickness_mm": [0.5, 2.0],
+                                                                  "inplane_mm": [0.5, 2.0]})
+    out = tmp_path / "o"
+    assert main([str(ROOT / "bids_example"), str(out), "participant", "--participant-label", "02", "--skull-strip",
+                 "none", "--skip-bids-validation", "--device", "cpu", "--no-reports", "--model", str(narrow)]) == 0
+    assert list((out / "models").glob("*_model_card.json"))
+    assert main([str(ROOT / "bids_example"), str(out), "group"]) == 0
+    df = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t")
+    assert bool(df["qc_geometry"].iloc[0]) and "geometry outside training" in df["qc_flags"].iloc[0]

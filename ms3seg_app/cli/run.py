@@ -182,12 +182,10 @@ def _group(opts) -> int:
 def _participant(opts, run_uuid: str, console) -> int:
     from .. import __version__
     from ..bids import collect_inputs, load_filters
-    from ..derivatives import atomic_write_json, output_prefix, write_top_level
+    from ..derivatives import atomic_write_json, output_prefix, write_top_level, write_used_card
     from ..model.card import load_card, sha256_file
     from ..participant import RunOptions, is_complete
 
-    if not opts.skip_bids_validation:
-        validate_bids(opts.bids_dir)
     inputs, without_flair = collect_inputs(opts.bids_dir, opts.participant_label, opts.session_label,
                                            load_filters(opts.bids_filter_file))
     card = load_card(opts.model)  # reads and validates the card: no TensorFlow yet
@@ -195,7 +193,6 @@ def _participant(opts, run_uuid: str, console) -> int:
     container = None
     if os.environ.get("MS3SEG_CONTAINER"):
         container = {"Type": os.environ.get("MS3SEG_CONTAINER"), "Tag": f"ms3seg:{__version__}"}
-    write_top_level(opts.output_dir, card.classes, opts.bids_dir, container)
     failed, done = [], []
     for sub in without_flair:
         msg = f"no FLAIR found (sub-{sub}/[ses-*/]anat/*_FLAIR.nii[.gz]); participant skipped"
@@ -214,6 +211,10 @@ def _participant(opts, run_uuid: str, console) -> int:
             todo.append(fi)
     LOGGER.log(IMPORTANT, "ms3seg-app %s: %d FLAIR(s) selected, %d to process; model %s (%d member(s))",
                __version__, len(inputs), len(todo), card.name, len(card.members))
+    if todo and not opts.skip_bids_validation:  # a rerun with nothing left to do skips the 2-3 s validator
+        validate_bids(opts.bids_dir)
+    write_top_level(opts.output_dir, card.classes, opts.bids_dir, container)
+    write_used_card(opts.output_dir, card)
     if todo:
         nprocs = max(1, min(opts.nprocs, len(todo)))
         threads = opts.omp_nthreads if opts.omp_nthreads > 0 else max(1, (os.cpu_count() or 1) // nprocs)

@@ -267,10 +267,12 @@ class SliceGeometry:
         scale, offset = self._inplane()
         inv_scale = 1.0 / scale
         inv_offset = -offset / scale
-        out = np.empty(tuple(self.ras_shape) + (nc,), dtype=np.float32)
+        # one channel at a time, written straight into the stored-order array: peak memory
+        # is the output plus one channel (not two copies of the output)
+        out = np.empty(tuple(self.in_shape) + (nc,), dtype=np.float32)
         vol = np.moveaxis(slices, 0, 2)  # (size, size, Z, C)
         for c in range(nc):
-            out[..., c] = ndimage.affine_transform(
+            ras = ndimage.affine_transform(
                 vol[..., c].astype(np.float32, copy=False),
                 np.array([inv_scale[0], inv_scale[1], 1.0]),
                 offset=np.array([inv_offset[0], inv_offset[1], 0.0]),
@@ -279,7 +281,8 @@ class SliceGeometry:
                 mode="constant",
                 cval=float(cvals[c]),
             )
-        out = self.from_ras(out)
+            out[..., c] = self.from_ras(ras)
+            del ras
         return out[..., 0] if squeeze else out
 
 
