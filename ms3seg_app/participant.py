@@ -17,6 +17,7 @@ table and volumes -> T1w/T2w co-registration -> derivatives -> report -> sidecar
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -158,6 +159,34 @@ class FlairResult:
     seconds: float = 0.0
 
 
+@contextlib.contextmanager
+def flair_lock(output_dir: Path, prefix: str):
+    """Exclusive lock on one FLAIR's outputs across processes and jobs (``fcntl.flock``).
+
+    Two jobs given the same participant (a resubmitted array task, two users) take turns:
+    the second waits, then finds the outputs complete and skips. The kernel drops the
+    lock when its holder dies, so a killed job leaves no stale lock. The lock files live
+    in ``logs/locks/``. On file systems without ``flock`` the lock degrades to nothing,
+    with a warning (atomic writes still keep every file whole).
+    """
+    import fcntl
+
+    path = Path(output_dir) / "logs" / "locks" / f"{prefix}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. a network file system without lock support
+            LOGGER.warning("%s: cannot lock %s (%s); not protected against a concurrent job", prefix, path, exc)
+        try:
+            yield
+        finally:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            except OSError:
+                pass
+
+
 class _Timer:
     """Times the stages of one FLAIR and names the stage an exception came from."""
 
@@ -206,20 +235,29 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, options: RunOptio
     Exception
         A bug in a stage, with its own class and traceback; ``exc.ms3seg_stage`` names the stage.
     """
-    import pandas as pd
-
-    from .lesions import lesion_table, volume_table
-    from .stages import brain_mask, coregister_to_flair, load_flair, n4_correct, restrict_to_brain
-
     t0 = time.time()
     card = predictor.card
     prefix = output_prefix(fi.entities)
     paths = expected_outputs(fi, output_dir, card, options.reports)
     timer = _Timer()
     source_sha = timer.run("hash", sha256_file, fi.path)
-    if is_complete(fi, output_dir, card, options, source_sha):
-        return FlairResult(prefix, "skipped")
-    _remove_stale_temporaries(paths)
+    with flair_lock(output_dir, prefix):
+        if is_complete(fi, output_dir, card, options, source_sha):
+            return FlairResult(prefix, "skipped")
+        _remove_stale_temporaries(paths)  # under the lock: no live writer owns them
+        return _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, paths, prefix, timer,
+                               source_sha, t0)
+
+
+def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, paths, prefix, timer, source_sha,
+                    t0) -> FlairResult:
+    """The chain of :func:`process_flair`, run while holding the FLAIR's lock."""
+    import pandas as pd
+
+    from .lesions import lesion_table, volume_table
+    from .stages import brain_mask, coregister_to_flair, load_flair, n4_correct, restrict_to_brain
+
+    card = predictor.card
     img, warnings = timer.run("checks", load_flair, fi.path)
     seg_img = timer.run("n4", n4_correct, img) if options.n4 else img
     mask, method = timer.run("brain_extraction", brain_mask, seg_img, options.skull_strip, work_dir)

@@ -81,8 +81,8 @@ chmod 0777 "$OUT/derivatives"   # the container's uid 1000 writes here
 RUN=(podman --runtime runc run --rm --read-only --tmpfs /tmp:rw,size=4g,mode=1777 --user 1000:1000
      --network none "${ULIMITS[@]}"
      -v "$BIDS:/data:ro" -v "$OUT/derivatives:/out")
-log "ms3seg --version"
-"${RUN[@]}" "$IMAGE" --version | tee "$OUT/version.txt"
+log "ms3seg --info"
+"${RUN[@]}" "$IMAGE" --info | tee "$OUT/version.txt"
 log "participant"
 "${RUN[@]}" "$IMAGE" /data /out participant --nprocs 1 2>&1 | tee "$OUT/participant.log"
 log "group"

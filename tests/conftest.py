@@ -89,3 +89,19 @@ def tiny_model(tmp_path_factory):
     build_unet((None, None, 1), base_filters=4).save(w)
     write_card(default_card(TrainConfig(base_filters=4)), w)
     return w
+
+
+#: Fixtures and modules whose tests run the whole pipeline in subprocesses, train, or read
+#: real MRI: marked ``slow`` so that ``pytest -m "not slow"`` gives a quick suite (~2 min).
+SLOW_FIXTURES = {"mixed_study", "example_run", "bids_labelled"}
+SLOW_MODULES = {"test_interruptions", "test_container", "test_realdata"}
+SLOW_TESTS = {"test_console_shows_only_our_lines", "test_failed_flair_is_one_line_with_the_traceback_in_logs",
+              "test_derivatives_pass_the_bids_validator", "test_changing_the_model_with_a_shared_work_dir_gives_the_fresh_result",
+              "test_few_training_steps_on_real_slices_lower_the_loss", "test_bundled_ensemble_regression_on_bids_example"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES
+                or item.originalname in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)

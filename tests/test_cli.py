@@ -158,3 +158,22 @@ def test_nprocs_parallel_gives_identical_outputs(example_run, tmp_path):
                  "--device", "cpu", "--nprocs", "2", "--no-reports"]) == 0
     for f in sorted(out.rglob("*_desc-trimask_dseg.nii.gz")):
         assert (par / f.relative_to(out)).read_bytes() == f.read_bytes()
+
+
+def test_bundled_ensemble_regression_on_bids_example(example_run):
+    """Segmentation content, not only shapes: volumes of the bundled model on bids_example match
+    the committed reference (tests/data/reference_volumes.tsv, written by
+    scripts/make_reference_volumes.py when the bundled model changes)."""
+    import pandas as pd
+
+    from ms3seg_app.model.card import load_card
+
+    rc, out = example_run
+    ref = pd.read_csv(ROOT / "tests" / "data" / "reference_volumes.tsv", sep="\t")
+    assert ref["model_sha256"].nunique() == 1
+    assert ref["model_sha256"].iloc[0] == load_card().sha256, "bundled model changed: regenerate the reference"
+    for _, row in ref.iterrows():
+        got = pd.read_csv(next(out.rglob(f"{row['prefix']}_space-orig_desc-trimask_volumes.tsv")), sep="\t").iloc[0]
+        for col in ("ventricles_ml", "normal_wmh_ml", "abnormal_wmh_ml", "icv_ml"):
+            assert got[col] == pytest.approx(row[col], rel=0.02, abs=0.02), (row["prefix"], col)
+        assert abs(int(got["lesion_count"]) - int(row["lesion_count"])) <= 1, row["prefix"]

@@ -55,9 +55,9 @@ def runs(tmp_path_factory):
 def test_container_reports_version_and_no_fsl(runs):
     _, _, logs = runs
     text = (logs / "version.txt").read_text()
-    from ms3seg_app.model.card import bundled_weights, sha256_file
+    from ms3seg_app.model.card import load_card
 
-    assert sha256_file(bundled_weights()) in text
+    assert text.startswith("ms3seg-app ") and load_card().sha256 in text
     assert "FSL" in text and "not found" in text.split("FSL", 1)[1].splitlines()[0]
 
 

@@ -37,9 +37,12 @@ def test_kill_and_resume(tmp_path, tiny_model, sig):
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before it could be killed"
     proc.send_signal(sig)
-    proc.wait()
+    assert proc.wait() == -sig, "the job was not killed by the signal"
     assert first.exists(), "the first FLAIR never finished"
+    last = out / "sub-02" / "anat" / "sub-02_space-orig_desc-trimask_dseg.json"
+    assert not last.exists(), "the job had finished every FLAIR: it was not killed mid-run"
     finished = {p: p.read_bytes() for p in first.parent.iterdir()}
     # every file present is complete: NIfTIs load, JSON/TSV parse
     for p in out.rglob("*"):
@@ -82,6 +85,24 @@ def test_concurrent_jobs_share_one_output_folder(tmp_path, tiny_model):
     assert (out / "desc-trimask_dseg.tsv").read_text().count("\n") == 5
     assert len(list(out.rglob("*_desc-trimask_dseg.nii.gz"))) == 3
     assert not list(out.rglob("*.tmp"))
+
+
+def test_two_jobs_racing_on_the_same_subject(tmp_path, tiny_model):
+    """A resubmitted task: two jobs on sub-02 into one folder take turns; outputs equal a solo run's."""
+    out, solo = tmp_path / "out", tmp_path / "solo"
+    procs = [subprocess.Popen(_cmd(out, tiny_model, tmp_path / f"w{i}", "--participant-label", "02"),
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-2000:]
+    assert subprocess.run(_cmd(solo, tiny_model, tmp_path / "ws", "--participant-label", "02"), env=_env(),
+                          capture_output=True).returncode == 0
+    assert not list(out.rglob("*.tmp"))
+    files = sorted(p.relative_to(solo) for p in (solo / "sub-02").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in (out / "sub-02").rglob("*") if p.is_file())
+    for rel in files:
+        assert (out / rel).read_bytes() == (solo / rel).read_bytes(), rel
+    logs = "".join(p.read_text() for p in (out / "logs").glob("ms3seg_participant_*.log"))
+    assert "skipped (outputs complete)" in logs   # the second job waited, then found the work done
 
 
 def _rotation(ax, deg):

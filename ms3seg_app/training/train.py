@@ -99,14 +99,32 @@ def default_card(cfg: TrainConfig) -> dict:
         "postprocessing": {"nwmh_max_ventricle_distance_mm": 5.0,
                            "description": "normal-WMH components farther than this from the ventricles are "
                                           "given their next most probable class (ms3seg_app/trimask.py)"},
-        "training_geometry": {"slice_thickness_mm": [4.0, 8.5], "inplane_mm": [0.7, 1.3]},
+        "training_geometry": {"slice_thickness_mm": [1.0, 8.5], "inplane_mm": [0.7, 1.3],
+                              "note": "2D FLAIR of 6.5-8 mm slices (11 patients of one 1.5 T scanner) and 1 mm "
+                                      "slices of two 3 T/mixed-scanner MNI-registered patients (external lesion "
+                                      "slices)"},
         "classes": [{"index": i, "name": n, "abbreviation": a, "color": c} for i, (n, a, c) in CLASSES.items()],
         "training": {"config": asdict(cfg),
                      "loss": "marginal cross-entropy + marginal soft Dice + exclusion loss "
                              "(Shi et al., MedIA 2021)",
                      "optimizer": "AdamW, linear warm-up then cosine decay",
-                     "augmentation": "LR flip, rotation +-15 deg, scale 0.85-1.15, translation, gamma 0.7-1.5, "
-                                     "bias field, contrast, blur, Gaussian noise; random 128x128 crops"},
+                     "augmentation": "domain randomisation (SynthSeg-like, Billot et al. 2023): LR flip, "
+                                     "rotation +-15 deg, scale 0.85-1.15, translation; skull stripped (p 0.3); "
+                                     "anisotropic blur and down/up-sampling (resolution, thick-slice partial "
+                                     "volume); gamma 0.6-1.6, gain 0.8-1.25, bias field +-35 %, Gaussian noise; "
+                                     "random 128x128 crops"},
+        "training_data": {
+            "volumes": "MS3SEG cohort samples (Bashiri Bawil et al., Sci Data 2025), MIT-licensed repositories "
+                       "Mahdi-Bashiri/MRI_MS_Insights@db0568d (ventricles + abnormal WMH, 9 usable patients), "
+                       "Mahdi-Bashiri/Sim-Vent-WMH-Seg@914e4ed (all classes, 2 patients); Toshiba Vantage 1.5 T, "
+                       "2D axial FLAIR 0.9x0.9x6.5-8 mm",
+            "slices": "Mahdi-Bashiri/wmh-normal-abnormal-segmentation@286121b (20 slices, normal + abnormal WMH); "
+                      "WholeNow/MSSegSAM@e59547c: MSLesSeg P1 (Guarnera et al., Sci Data 2025, CC BY 4.0) and "
+                      "3D MR image database of MS patients patient01 (Lesjak et al., Neuroinformatics 2018, CC BY), "
+                      "1 mm MNI, skull-stripped, lesions only",
+            "validation_only": "Mendeley MS FLAIR slices (Muslim et al., Data in Brief 2022, CC BY 4.0), lesions "
+                               "only, caps labelled as lesion",
+            "excluded": "a subject whose FLAIR is identical to another subject's and whose masks do not fit it"},
         "software": {"ms3seg_app": __version__, "keras": keras.__version__, "tensorflow": tf.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
         "license": "MIT (weights trained by the ms3seg-app developers)",
@@ -343,7 +361,7 @@ def evaluate_external(model, card: dict, slices: SliceSet) -> dict:
     """
     from ..model.predict import Predictor
 
-    prob = Predictor.from_model(model, card).predict_slices(slices.images)
+    prob, _ = Predictor.from_model(model, card).predict_slices(slices.images)
     pred = prob.argmax(-1) == 3
     truth = slices.labels == 3
     out = {}

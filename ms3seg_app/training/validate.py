@@ -141,6 +141,45 @@ def rescan_repeatability(pred, img: nib.Nifti1Image, copies: int = 3, seed: int 
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
+def thin_vs_slab(models, card: dict, slices: list, half: int = 3) -> dict:
+    """How to feed 1 mm slices to a model trained on ~6.5 mm slices: as they are, or as slabs.
+
+    For every slice of a 1 mm source whose ``half`` neighbours on both sides are present
+    (the mssegsam slices are numbered ``..._slice<k>``), the lesion Dice (pooled) of the
+    thin slice is compared with that of the mean of the ``2 * half + 1`` slices (a slab
+    of the training thickness), both against the centre slice's manual mask.
+
+    Returns
+    -------
+    dict source -> {"n_slices", "dice_thin", "dice_slab", "volume_ratio_thin", "volume_ratio_slab"}
+    """
+    import re
+    from dataclasses import replace
+
+    from .dataset import png_slices_to_set
+    from .train import evaluate_external
+
+    out = {}
+    for src in sorted({s.source for s in slices}):
+        by_k = {}
+        for s in slices:
+            m = re.search(r"_slice(\d+)$", s.name)
+            if s.source == src and m:
+                by_k[int(m.group(1))] = s
+        centre = [k for k in sorted(by_k) if all(k + d in by_k for d in range(-half, half + 1))]
+        if not centre:
+            continue
+        thin = [by_k[k] for k in centre]
+        slab = [replace(by_k[k], image=np.mean([by_k[k + d].image for d in range(-half, half + 1)], axis=0))
+                for k in centre]
+        pre = card["preprocessing"]
+        r_thin = evaluate_external(models, card, png_slices_to_set(thin, pre, skull_stripped=True))[src]
+        r_slab = evaluate_external(models, card, png_slices_to_set(slab, pre, skull_stripped=True))[src]
+        out[src] = {"n_slices": len(centre), "dice_thin": r_thin["dice"], "dice_slab": r_slab["dice"],
+                    "volume_ratio_thin": r_thin["volume_ratio"], "volume_ratio_slab": r_slab["volume_ratio"]}
+    return out
+
+
 def validate(data: Path, cv_dir: Path) -> dict:
     """All generalisation figures of the fold models in ``cv_dir`` (see the module docstring).
 
@@ -159,7 +198,7 @@ def validate(data: Path, cv_dir: Path) -> dict:
     vols, _ = load_development_data(data)
     ext = load_external_data(data)
     pre = default_card(TrainConfig())["preprocessing"]
-    rows, per_fold, loso, strip_rows, rescan_rows, ratio_home = [], [], {}, [], [], []
+    rows, per_fold, loso, strip_rows, rescan_rows, ratio_home, slab_rows = [], [], {}, [], [], [], []
     for i, weights in sorted(models.items()):
         pred = _predictor(weights)
         test = [v for v in vols if v.subject in folds[i]]
@@ -190,6 +229,10 @@ def validate(data: Path, cv_dir: Path) -> dict:
             LOGGER.info("validated %s (fold %d)", v.subject, i)
         rows += frows
         per_fold.append({"fold": i, "test": folds[i], "summary": summarise(frows)})
+        held = EXTERNAL_HOLDOUT.get(i)
+        if held:
+            for src, res in thin_vs_slab(pred.models, pred.card.data, [s for s in ext if s.source == held]).items():
+                slab_rows.append({"fold": i, "source": src, **res})
         unseen = [s for s in {s.source for s in ext}
                   if s == EXTERNAL_HOLDOUT.get(i) or s in VALIDATION_ONLY_SOURCES]
         if unseen:
@@ -230,6 +273,10 @@ def validate(data: Path, cv_dir: Path) -> dict:
                                       "per_subject": ratio_home},
         "skull_stripped_vs_whole_head": strip,
         "pseudo_rescan": {"copies": 3, "per_subject": rescan_rows, "mean": rescan},
+        "thin_slices_vs_slabs": {"per_source": slab_rows,
+                                 "description": "held-out 1 mm sources: lesion Dice of each slice as it is vs "
+                                                "the mean of 7 adjacent 1 mm slices (a slab of the training "
+                                                "thickness), scored on the centre slice's mask"},
         "targets": TARGETS, "seconds": time.time() - t0,
         "notes": "External sources are 2D slices (lesion labels only): Dice pooled over a source's slices, "
                  "volume ratio = predicted / manual lesion area. Mendeley slices are resampled from an "
