@@ -50,3 +50,20 @@ def png_base64(fig, dpi: int = 80) -> str:
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def format_value(v, digits: int = 3, percent: bool = False, plain_below: float = 1e4) -> str:
+    """A table cell: ``n/a`` for missing/NaN, yes/no, integers as they are, floats to
+    ``digits`` significant digits (times 100 with ``percent``), large floats without decimals."""
+    import numpy as np
+
+    if v is None or (isinstance(v, (float, np.floating)) and not np.isfinite(v)):
+        return "n/a"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        x = 100 * float(v) if percent else float(v)
+        return f"{x:.{digits}g}" if percent or abs(x) < plain_below else f"{x:.0f}"
+    return str(v)

@@ -12,8 +12,7 @@ import pandas as pd
 
 from .. import CLASSES, __version__
 from ..derivatives import atomic_write_text
-from . import CSP_SCRIPT_PLACEHOLDER, env, finalize_csp, png_base64
-from .individual import _env  # noqa: F401  (kept for callers of the old private name)
+from . import CSP_SCRIPT_PLACEHOLDER, env, finalize_csp, format_value, png_base64
 
 #: below this many points a distribution is shown as the points only (no box plot)
 MIN_BOX = 5
@@ -182,15 +181,7 @@ def figures(df: pd.DataFrame, long: pd.DataFrame) -> list[dict]:
 
 
 def _cell(v, percent: bool = False):
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "n/a"
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return f"{100 * v:.3g}" if percent else (f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}")
-    return str(v)
+    return format_value(v, 3 if percent else 4, percent, plain_below=1e5)
 
 
 def tables(df: pd.DataFrame) -> list[dict]:

@@ -29,12 +29,9 @@ import pandas as pd
 
 from .. import CLASSES, __version__
 from ..derivatives import atomic_write_text
-from . import CSP_SCRIPT_PLACEHOLDER, env, finalize_csp, png_base64
+from . import CSP_SCRIPT_PLACEHOLDER, env, finalize_csp, format_value, png_base64
 
 LOGGER = logging.getLogger("ms3seg.reports")
-#: kept for callers that imported the private name
-_env = env
-
 NIIVUE_VERSION = "0.69.0"
 #: the FLAIR embedded in the viewer is subsampled (integer stride) above this many voxels
 VIEWER_MAX_VOXELS = 2 ** 24
@@ -273,15 +270,7 @@ def niivue_js() -> str:
 
 
 def _fmt(v, nd: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "n/a"
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.{nd}g}" if abs(v) < 1e4 else f"{float(v):.0f}"
-    return str(v)
+    return format_value(v, nd)
 
 
 def key_figures(volumes: dict) -> dict:
