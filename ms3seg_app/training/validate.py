@@ -253,10 +253,12 @@ def validate(data: Path, cv_dir: Path) -> dict:
             wh, ss = float(np.mean([r["whole_head"] for r in rs])), float(np.mean([r["skull_stripped"] for r in rs]))
             strip[name] = {"n_subjects": len(rs), "dice_whole_head": wh, "dice_skull_stripped": ss,
                            "delta": ss - wh}
-    rescan = {k: float(np.mean([r[k] for r in rescan_rows])) for k in rescan_rows[0]} if rescan_rows else {}
+    rescan = ({k: float(np.mean([r[k] for r in rescan_rows])) for k in rescan_rows[0] if k != "subject"}
+              if rescan_rows else {})
     cv = {
-        "scheme": f"{len(folds)}-fold subject-level cross-validation; inner validation subject for model "
-                  "selection; fold i also holds out one external source",
+        "scheme": f"{len(folds)}-fold subject-level cross-validation (final weights of each fold's full "
+                  "schedule; an inner validation subject is scored per epoch for the record); fold i also "
+                  "holds out one external source",
         "splits": folds, "lesion_definition": LESION.to_dict(),
         "per_fold": per_fold,
         "per_subject": [{k: r[k] for k in ("fold", "subject", "class_name", "dice", "hd95_mm", "avd", "lesion_f1",
