@@ -18,7 +18,7 @@ import numpy as np
 from . import __version__
 
 PIPELINE_NAME = "ms3seg-app"
-BIDSIGNORE = ["*.html", "*_lesions.tsv", "*_volumes.tsv", "logs/", "models/", "group_*"]
+BIDSIGNORE = ["*.html", "*_lesions.tsv", "*_volumes.tsv", "logs/", "models", "group_*"]  # "models/" is not honoured by bids-validator-deno 2.x
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:

@@ -62,9 +62,14 @@ def example_run(tmp_path_factory):
 def test_end_to_end_outputs_and_geometry(example_run):
     rc, out = example_run
     assert rc == 0
-    listing = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "logs" not in p.parts)
+    files = [p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != "logs"]
+    listing = sorted(str(p) for p in files if p.parts[0] != "models")
     expected = (ROOT / "tests" / "data" / "expected_outputs.txt").read_text().split()
     assert listing == expected
+    from ms3seg_app.model.card import load_card
+
+    cards = [p for p in files if p.parts[0] == "models"]  # the card that was used, named by its hash
+    assert len(cards) == 1 and (out / cards[0]).read_bytes() == load_card().path.read_bytes()
     for flair in sorted(EXAMPLE.rglob("*_FLAIR.nii.gz")):
         src = nib.load(str(flair))
         stem = flair.name.replace("_FLAIR.nii.gz", "")
