@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--many", type=int, default=4)
     ap.add_argument("--nprocs", action="store_true")
     ap.add_argument("--big", action="store_true")
-    ap.add_argument("--only", choices=["2d", "3d"], default=None)
+    ap.add_argument("--only", choices=["2d", "3d", "none"], default=None, help="'none' with --big: only the big case")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ms3seg_bench_"))
     scans = {"2d": ((256, 256, 20), (0.9, 0.9, 6.5)), "3d": ((182, 218, 182), (1.0, 1.0, 1.0))}

@@ -76,22 +76,27 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
             "mean_probability", "uncertainty", "dist_ventricles_mm", "dist_brain_surface_mm", "location"]
     if n == 0:
         return pd.DataFrame(columns=cols)
-    vent = dseg == ventricle_class
+    # distance maps inside the brain's bounding box (+2 voxels): exact, since ventricles and
+    # lesions lie in the brain and the box keeps non-brain voxels at its border; a large
+    # scan's air and neck then cost no memory
+    box = _brain_box(brain_mask, lab > 0)
+    vent = dseg[box] == ventricle_class
     d_vent = (ndimage.distance_transform_edt(~vent, sampling=spacing) if vent.any()
-              else np.full(dseg.shape, np.inf))
+              else np.full(vent.shape, np.inf))
     if brain_mask is not None and np.asarray(brain_mask).any():
-        bm = np.asarray(brain_mask, bool)
-        d_surf = ndimage.distance_transform_edt(bm, sampling=spacing)  # inside: distance to outside
+        d_surf = ndimage.distance_transform_edt(np.asarray(brain_mask, bool)[box], sampling=spacing)
     else:
-        d_surf = np.full(dseg.shape, np.inf)
+        d_surf = np.full(vent.shape, np.inf)
+    lab_box = lab[box]
     idx = np.arange(1, n + 1)
     counts = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     centroids = np.array(ndimage.center_of_mass(lab > 0, lab, idx)).reshape(n, 3)
     world = (np.c_[centroids, np.ones(n)] @ np.asarray(affine).T)[:, :3]
-    dv = ndimage.minimum(d_vent, lab, idx)
-    ds = ndimage.minimum(d_surf, lab, idx)
-    mp = ndimage.mean(awmh_prob, lab, idx) if awmh_prob is not None else np.full(n, np.nan)
-    unc = 2.0 * np.asarray(ndimage.mean(uncertainty, lab, idx)) if uncertainty is not None else np.zeros(n)
+    dv = ndimage.minimum(d_vent, lab_box, idx)
+    ds = ndimage.minimum(d_surf, lab_box, idx)
+    mp = ndimage.mean(awmh_prob[box], lab_box, idx) if awmh_prob is not None else np.full(n, np.nan)
+    unc = (2.0 * np.asarray(ndimage.mean(uncertainty[box], lab_box, idx)) if uncertainty is not None
+           else np.zeros(n))
     rows = []
     for i in range(n):
         vol = float(counts[i] * vox_mm3)
@@ -104,6 +109,13 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
         rows.append([i + 1, int(counts[i]), vol, *map(float, world[i]), float(mp[i]), float(unc[i]),
                      float(dv[i]), float(ds[i]), loc])
     return pd.DataFrame(rows, columns=cols)
+
+
+def _brain_box(brain_mask, lesions: np.ndarray) -> tuple:
+    """Bounding box (slices) of the brain mask and the lesions, grown by 2 voxels and clipped."""
+    fg = lesions if brain_mask is None else (np.asarray(brain_mask, bool) | lesions)
+    idx = np.nonzero(fg)
+    return tuple(slice(max(0, int(i.min()) - 2), int(i.max()) + 3) for i in idx)
 
 
 def volume_table(dseg: np.ndarray, affine: np.ndarray, lesions: pd.DataFrame,

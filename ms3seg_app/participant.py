@@ -140,7 +140,7 @@ def qc_warnings(img, card: ModelCard, probs: np.ndarray, dseg: np.ndarray, mask:
                  "brain-mask contour in the report, and the scan's coverage")
     fg = dseg > 0
     if fg.any():
-        low = float((probs.max(axis=-1)[fg] < 0.6).mean())
+        low = float((probs[fg].max(axis=-1) < 0.6).mean())
         if low > 0.3:
             w.append(f"{100 * low:.0f}% of the segmented voxels have a winning probability below 0.6 "
                      "(low confidence)")

@@ -36,20 +36,29 @@ def enforce_periventricular_nwmh(probs: np.ndarray, spacing, max_distance_mm: fl
     -------
     ndarray (I, J, K) uint8 tri-mask.
     """
-    dseg = np.argmax(probs, axis=-1).astype(np.uint8)
+    from .model.predict import argmax_uint8
+
+    dseg = argmax_uint8(probs)
     nwmh_mask = dseg == nwmh
     if not nwmh_mask.any():
         return dseg
-    vent = dseg == ventricles
+    # distances only inside the normal-WMH bounding box grown by the threshold: a ventricle
+    # voxel outside it is farther than max_distance_mm from every normal-WMH voxel, so the
+    # decision is exact, and a large scan needs no whole-volume distance map
+    idx = np.nonzero(nwmh_mask)
+    grow = [int(np.ceil(max_distance_mm / s)) + 1 for s in spacing]
+    box = tuple(slice(max(0, int(i.min()) - g), int(i.max()) + 1 + g) for i, g in zip(idx, grow))
+    vent = dseg[box] == ventricles
     if vent.any():
         dist = ndimage.distance_transform_edt(~vent, sampling=spacing)
     else:
-        dist = np.full(dseg.shape, np.inf)
-    lab, n = ndimage.label(nwmh_mask, structure=LESION.structure())
+        dist = np.full(vent.shape, np.inf)
+    lab, n = ndimage.label(nwmh_mask[box], structure=LESION.structure())
     mins = ndimage.minimum(dist, lab, np.arange(1, n + 1))
     far = np.zeros(n + 1, bool)
     far[1:] = np.asarray(mins) > max_distance_mm
-    move = far[lab]
+    move = np.zeros(dseg.shape, bool)
+    move[box] = far[lab]
     if move.any():
         alt = probs[move].copy()
         alt[:, nwmh] = -1.0

@@ -21,6 +21,9 @@ LOGGER = logging.getLogger("ms3seg.inference")
 #: Slices whose normalised input never exceeds this (tissue is ~1) hold no head and are
 #: not sent through the network: they are background with probability 1.
 EMPTY_SLICE_MAX = 0.05
+#: Probabilities on the input grid are kept in float16 (precision 5e-4, finer than the
+#: 1/255 of the stored probability maps): half the memory of a large scan's 4-class volume.
+PROB_DTYPE = np.float16
 #: In-plane crop around the head, rounded up to a multiple of 16 px (4 pools) plus this margin.
 CROP_MARGIN_PX = 16
 
@@ -31,12 +34,12 @@ class Prediction:
 
     Attributes
     ----------
-    probabilities : ndarray (I, J, K, C) float32
+    probabilities : ndarray (I, J, K, C) float16
         Per-class probabilities on the input voxel grid (stored order), summing to 1;
         C = number of classes in the card.
     dseg : ndarray (I, J, K) uint8
         Argmax, then the card's post-processing (:mod:`ms3seg_app.trimask`).
-    uncertainty : ndarray (I, J, K) float32
+    uncertainty : ndarray (I, J, K) float16
         Standard deviation across ensemble members of the abnormal-WMH probability
         (0 where they agree, and everywhere for a single model; at most 0.5).
     """
@@ -156,18 +159,21 @@ class Predictor:
         geom, x = to_model_slices(img, self.card.preprocessing)
         p, spread = self.predict_slices(x)
         n = p.shape[-1]
-        probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1))
+        # linear interpolation of per-slice softmax maps (and of the background cval 1, 0, ...)
+        # keeps them summing to 1: no renormalisation pass over the whole volume is needed
+        probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1), dtype=PROB_DTYPE)
         del p
         np.clip(probs, 0.0, 1.0, out=probs)
-        probs /= np.maximum(probs.sum(axis=-1, keepdims=True), 1e-6)
-        unc = np.clip(geom.inverse(spread, order=1, cval=0.0), 0.0, 0.5)
+        unc = geom.inverse(spread, order=1, cval=0.0, dtype=PROB_DTYPE)
+        del spread
+        np.clip(unc, 0.0, 0.5, out=unc)
         if mask is not None:
             outside = ~np.asarray(mask, bool)
             probs[outside] = 0.0
             probs[outside, 0] = 1.0
             unc[outside] = 0.0
         dseg = self.postprocess(probs, tuple(float(z) for z in img.header.get_zooms()[:3]))
-        return Prediction(probs, dseg, unc.astype(np.float32))
+        return Prediction(probs, dseg, unc)
 
     def postprocess(self, probs: np.ndarray, spacing) -> np.ndarray:
         """Tri-mask from probabilities with the card's post-processing.
@@ -188,7 +194,30 @@ class Predictor:
             return enforce_periventricular_nwmh(probs, spacing, post["nwmh_max_ventricle_distance_mm"],
                                                 nwmh=self.card.class_index("NWMH"),
                                                 ventricles=self.card.class_index("VEN"))
-        return np.argmax(probs, axis=-1).astype(np.uint8)
+        return argmax_uint8(probs)
+
+
+def argmax_uint8(probs: np.ndarray) -> np.ndarray:
+    """``np.argmax(probs, axis=-1)`` as uint8, channel by channel.
+
+    numpy's argmax allocates an int64 volume (8 bytes per voxel); this keeps one float32
+    and one uint8 volume. Ties go to the lower class, as with ``np.argmax``.
+
+    Parameters
+    ----------
+    probs : ndarray (..., C) float
+
+    Returns
+    -------
+    ndarray (...) uint8
+    """
+    best = probs[..., 0].copy()
+    out = np.zeros(probs.shape[:-1], np.uint8)
+    for c in range(1, probs.shape[-1]):
+        better = probs[..., c] > best
+        out[better] = c
+        np.maximum(best, probs[..., c], out=best)
+    return out
 
 
 def _padded_range(lo: int, hi: int, size: int, multiple: int = 16) -> tuple[int, int]:

@@ -56,12 +56,20 @@ def head_threshold(data: np.ndarray) -> float:
     float
         Threshold separating air from head (Otsu 1979, 256 bins).
     """
-    values = np.asarray(data, dtype=np.float64).ravel()
-    values = values[np.isfinite(values)]
+    # no float64 or clipped copy of the volume (a 512x512x300 scan would need 1.1 GB more):
+    # values above the 99.9th percentile are counted in the last bin, as clipping would
+    values = np.asarray(data).ravel()
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = values[finite]
+    del finite
     lo, hi = np.percentile(values, [0.0, 99.9]) if values.size else (0.0, 0.0)
     if hi <= lo:
         return float(lo)
-    hist, edges = np.histogram(np.clip(values, lo, hi), bins=256, range=(lo, hi))
+    hist, edges = np.histogram(values, bins=256, range=(lo, hi))
+    hist[-1] += np.count_nonzero(values > hi)
     centres = 0.5 * (edges[1:] + edges[:-1])
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0
@@ -240,7 +248,7 @@ class SliceGeometry:
         )
         return np.ascontiguousarray(np.moveaxis(out, 2, 0))
 
-    def inverse(self, slices: np.ndarray, order: int = 1, cval=0.0) -> np.ndarray:
+    def inverse(self, slices: np.ndarray, order: int = 1, cval=0.0, dtype=np.float32) -> np.ndarray:
         """Model slices -> stored-order volume on the input voxel grid.
 
         Parameters
@@ -252,10 +260,12 @@ class SliceGeometry:
         cval : float or sequence of C floats
             Value outside the model field of view, per channel (e.g. 1 for the
             background probability, 0 for the others).
+        dtype : numpy dtype
+            Of the output (float16 halves the memory of a large probability volume).
 
         Returns
         -------
-        ndarray (I, J, K) or (I, J, K, C) float32, in the stored voxel order
+        ndarray (I, J, K) or (I, J, K, C) of ``dtype`` (float32 default), in the stored voxel order
         """
         squeeze = slices.ndim == 3
         if squeeze:
@@ -269,7 +279,7 @@ class SliceGeometry:
         inv_offset = -offset / scale
         # one channel at a time, written straight into the stored-order array: peak memory
         # is the output plus one channel (not two copies of the output)
-        out = np.empty(tuple(self.in_shape) + (nc,), dtype=np.float32)
+        out = np.empty(tuple(self.in_shape) + (nc,), dtype=dtype)
         vol = np.moveaxis(slices, 0, 2)  # (size, size, Z, C)
         for c in range(nc):
             ras = ndimage.affine_transform(

@@ -38,7 +38,7 @@ def tissue_mode(values: np.ndarray, bins: int = 256, smooth_bins: float = 3.0) -
     ValueError
         No values, or all values equal.
     """
-    v = np.asarray(values, np.float64).ravel()
+    v = np.asarray(values).ravel()  # float32 stays float32: a large scan's foreground is not copied to float64
     if v.size == 0:
         raise ValueError("no foreground voxels: the image is empty or constant")
     lo, hi = np.percentile(v, [1.0, 99.5])
@@ -102,9 +102,12 @@ def normalize(data: np.ndarray, method: str = "tissue_mode", upper_percentile: f
     lo = min(float(np.percentile(x, 0.5)), 0.0)
     if method == "tissue_mode":
         ref = tissue_mode(vals)
+        del vals
         if ref <= lo:
             raise ValueError("constant image: the tissue mode equals the background level")
-        return np.clip((x - lo) / (ref - lo) * mode_value, 0.0, clip_max).astype(np.float32)
+        out = np.subtract(x, np.float32(lo), dtype=np.float32)  # one output array, scaled in place
+        out *= np.float32(mode_value / (ref - lo))
+        return np.clip(out, 0.0, clip_max, out=out)
     hi = float(np.percentile(vals, upper_percentile))
     if hi <= lo:
         raise ValueError("constant image: upper percentile equals the background level")
