@@ -7,7 +7,7 @@
 # Set BIDS, OUT and SIF (the Singularity/Apptainer image) below or in the environment.
 #SBATCH --job-name=ms3seg
 #SBATCH --cpus-per-task=2
-#SBATCH --mem=6G
+#SBATCH --mem=4G
 #SBATCH --time=00:30:00
 #SBATCH --output=ms3seg_%A_%a.log
 set -euo pipefail
