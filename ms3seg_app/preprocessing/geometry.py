@@ -23,7 +23,7 @@ Slice arrays are ``(Z, H, W[, C])``: ``Z`` runs inferior->superior, ``H`` along
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import warnings
 
@@ -190,10 +190,6 @@ class SliceGeometry:
             size=int(size),
             centre=(float(centre[0]), float(centre[1])),
         )
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable description (for sidecars and reports)."""
-        return asdict(self)
 
     # ---------------------------------------------------------------- maps
     def _inplane(self) -> tuple[np.ndarray, np.ndarray]:
