@@ -135,11 +135,24 @@ class Predictor:
         r0, r1 = _padded_range(rows.min(), rows.max(), h)
         c0, c1 = _padded_range(cols.min(), cols.max(), w)
         sub = inp[keep, r0:r1, c0:c1]
-        probs = [self._forward(m, sub) for m in self.models]
-        stack = np.stack(probs) if len(probs) > 1 else None
-        mean[keep, r0:r1, c0:c1] = np.mean(probs, axis=0) if stack is not None else probs[0]
-        if stack is not None:
-            spread[keep, r0:r1, c0:c1] = stack[..., self.uncertainty_class].std(axis=0)
+        # running mean over members and Welford's variance of the abnormal-WMH channel: one
+        # member's output in memory at a time (a stack of 3 is ~1 GB for a 300-slice scan);
+        # identical members give exactly zero spread
+        acc, m_awmh, m2 = None, None, None
+        for k, model in enumerate(self.models, start=1):
+            p = self._forward(model, sub).astype(np.float32, copy=False)
+            a = p[..., self.uncertainty_class].copy()
+            if acc is None:
+                acc, m_awmh, m2 = p, a, np.zeros_like(a)
+                continue
+            acc += p
+            delta = a - m_awmh
+            m_awmh += delta / k
+            m2 += delta * (a - m_awmh)
+            del p
+        acc /= len(self.models)
+        mean[keep, r0:r1, c0:c1] = acc
+        spread[keep, r0:r1, c0:c1] = np.sqrt(m2 / len(self.models))
         return mean, spread
 
     def predict_image(self, img: nib.spatialimages.SpatialImage, mask: np.ndarray | None = None) -> Prediction:
