@@ -205,7 +205,7 @@ class _Timer:
 
 
 def process_flair(fi: FlairInput, predictor, output_dir: Path, options: RunOptions, work_dir: Path | None = None,
-                  bids_dir: Path | None = None) -> FlairResult:
+                  bids_dir: Path | None = None, source_sha: str | None = None) -> FlairResult:
     """Run the participant chain on one FLAIR and write its derivatives.
 
     Derivatives are written atomically, the dseg sidecar last (it lists every output
@@ -223,6 +223,8 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, options: RunOptio
         Scratch space for FSL.
     bids_dir : Path, optional
         Root of the raw dataset (``Sources`` are given relative to it).
+    source_sha : str, optional
+        The FLAIR's sha256 if the caller hashed it already (hashed here otherwise).
 
     Returns
     -------
@@ -240,7 +242,8 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, options: RunOptio
     prefix = output_prefix(fi.entities)
     paths = expected_outputs(fi, output_dir, card, options.reports)
     timer = _Timer()
-    source_sha = timer.run("hash", sha256_file, fi.path)
+    if source_sha is None:
+        source_sha = timer.run("hash", sha256_file, fi.path)
     with flair_lock(output_dir, prefix):
         if is_complete(fi, output_dir, card, options, source_sha):
             return FlairResult(prefix, "skipped")

@@ -170,9 +170,9 @@ def _group(opts) -> int:
     n_part = vol["participant_id"].nunique() if "participant_id" in vol else len(vol)
     LOGGER.log(IMPORTANT, "group: read %d FLAIR result(s) of %d participant(s)", len(vol), n_part)
     if len(qc):
-        flag_col = next((c for c in ("flag", "issue", "qc_flag") if c in qc), qc.columns[-1])
+        kinds = qc["problem"].astype(str).str.split(r"[:(]").str[0].str.strip()
         LOGGER.log(IMPORTANT, "group: %d QC flag(s): %s (see %s)", len(qc),
-                   ", ".join(f"{k} x{v}" for k, v in qc[flag_col].astype(str).value_counts().items()), qc_path)
+                   ", ".join(f"{k} x{v}" for k, v in kinds.value_counts().items()), qc_path)
     else:
         LOGGER.log(IMPORTANT, "group: no QC flags")
     LOGGER.log(IMPORTANT, "group: tables %s; report %s", out / GROUP_OUTPUTS["volumes"], out / GROUP_OUTPUTS["report"])
@@ -204,11 +204,13 @@ def _participant(opts, run_uuid: str, console) -> int:
         prefix = output_prefix(fi.entities)
         if getattr(fi, "error", None):
             _report_failure(prefix, fi.error, None, failed, opts.output_dir, run_uuid)
-        elif is_complete(fi, opts.output_dir, card, options, sha256_file(fi.path)):
-            LOGGER.log(IMPORTANT, "%s: skipped (outputs complete)", prefix)
-            done.append(prefix)
         else:
-            todo.append(fi)
+            sha = sha256_file(fi.path)  # once per FLAIR: resume check here, sidecar in process_flair
+            if is_complete(fi, opts.output_dir, card, options, sha):
+                LOGGER.log(IMPORTANT, "%s: skipped (outputs complete)", prefix)
+                done.append(prefix)
+            else:
+                todo.append((fi, sha))
     LOGGER.log(IMPORTANT, "ms3seg-app %s: %d FLAIR(s) selected, %d to process; model %s (%d member(s))",
                __version__, len(inputs), len(todo), card.name, len(card.members))
     if todo and not opts.skip_bids_validation:  # a rerun with nothing left to do skips the 2-3 s validator
@@ -222,7 +224,7 @@ def _participant(opts, run_uuid: str, console) -> int:
         atomic_write_json(opts.output_dir / "logs" / f"config-{run_uuid}.json", {
             "version": __version__, "argv": sys.argv, "device": device, "threads_per_flair": threads,
             "nprocs": nprocs, "model_card": str(card.path), "model_sha256": card.sha256,
-            "bids_dir": str(opts.bids_dir), "inputs": [str(i.path) for i in todo]})
+            "bids_dir": str(opts.bids_dir), "inputs": [str(fi.path) for fi, _ in todo]})
         work = opts.work_dir or Path(tempfile.mkdtemp(prefix=f"ms3seg_work_{run_uuid}_"))
         work.mkdir(parents=True, exist_ok=True)
         job = dict(model=opts.model, allow_unverified=opts.allow_unverified_model, options=options,
@@ -237,15 +239,15 @@ def _participant(opts, run_uuid: str, console) -> int:
                 with cf.ProcessPoolExecutor(max_workers=nprocs, mp_context=mp.get_context("spawn"),
                                             initializer=_init_worker,
                                             initargs=(threads, opts.device, opts.verbose, opts.quiet)) as pool:
-                    futs = [pool.submit(_process_one, fi, job) for fi in todo]
+                    futs = [pool.submit(_process_one, fi, job, sha) for fi, sha in todo]
                     for fut in cf.as_completed(futs):
                         _record(*fut.result(), done, failed, opts.output_dir, run_uuid)
             else:
                 from tqdm import tqdm
 
                 stream = console or sys.stderr
-                for fi in tqdm(todo, disable=not stream.isatty(), unit="FLAIR", file=stream, leave=False):
-                    _record(*_process_one(fi, job), done, failed, opts.output_dir, run_uuid)
+                for fi, sha in tqdm(todo, disable=not stream.isatty(), unit="FLAIR", file=stream, leave=False):
+                    _record(*_process_one(fi, job, sha), done, failed, opts.output_dir, run_uuid)
         finally:
             if opts.work_dir is None:
                 shutil.rmtree(work, ignore_errors=True)
@@ -277,7 +279,7 @@ def _predictor(job: dict):
     return _WORKER[key]
 
 
-def _process_one(fi, job: dict):
+def _process_one(fi, job: dict, source_sha: str | None = None):
     """Process one FLAIR; never raises: returns (prefix, result or None, error line or None, traceback)."""
     from ..derivatives import output_prefix
 
@@ -285,7 +287,8 @@ def _process_one(fi, job: dict):
     try:
         from ..participant import process_flair
 
-        res = process_flair(fi, _predictor(job), job["output_dir"], job["options"], job["work_dir"], job["bids_dir"])
+        res = process_flair(fi, _predictor(job), job["output_dir"], job["options"], job["work_dir"], job["bids_dir"],
+                            source_sha)
         return prefix, res, None, None
     except Exception as exc:  # one FLAIR's failure never loses the others
         return prefix, None, _error_line(exc), traceback.format_exc()

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import CLASSES, __version__
-from ..lesion_definition import LESION
 from .dataset import SliceSequence, SliceSet, png_slices_to_set, volume_to_slices
 from .readers import (LabelledVolume, read_ms3seg_sample, read_mendeley_jpg, read_mssegsam_coco,
                       read_normal_wmh_png, read_trimask_sample)
@@ -288,24 +287,6 @@ def save_inference_model(model, path: Path) -> Path:
     return path
 
 
-def evaluate_volumes(model, card: dict, volumes: list[LabelledVolume]) -> list[dict]:
-    """Predict held-out volumes through the inference path and score them on their own grid."""
-    from ..evaluation.metrics import evaluate_dseg
-    from ..model.predict import Predictor
-
-    pred = Predictor.from_model(model, card)
-    rows = []
-    for v in volumes:
-        out = pred.predict_image(v.flair)
-        spacing = tuple(float(z) for z in v.flair.header.get_zooms()[:3])
-        variants = {"post": out.dseg, "raw": np.argmax(out.probabilities, axis=-1).astype(np.uint8)}
-        for variant, dseg in variants.items():
-            for r in evaluate_dseg(dseg, v.labels, spacing, annotated=v.annotated):
-                rows.append({"subject": v.subject, "class_name": CLASSES[r["class"]][0],
-                             "variant": variant, **r})
-    return rows
-
-
 def summarise(rows: list[dict], variant: str = "post") -> dict:
     """Mean (and n) of Dice, HD95, AVD and lesion F1 per class over rows.
 
@@ -382,11 +363,13 @@ def run_cv(data: Path, out: Path, cfg: TrainConfig, k: int = 3, folds_only: list
     ``EXTERNAL_HOLDOUT[i]`` (if any); ``Mendeley`` is never trained on. Each fold's
     model is saved (``fold<i>.keras`` with its card): the folds are the members of the
     shipped ensemble (nnU-Net's recipe), and :func:`run_ensemble` assembles them.
-    Writes ``splits.json``, ``fold<i>_history.json`` and ``fold<i>_results.json``.
+    Writes ``splits.json``, ``fold<i>_history.json``, ``fold<i>.keras`` and its card. The
+    folds are scored on their held-out patients and sources by :mod:`.validate` (one
+    scoring path for the card).
 
     Returns
     -------
-    dict: summary of the folds run, per class.
+    list of Path: the fold models written.
     """
     from ..model.card import write_card
 
@@ -407,7 +390,7 @@ def run_cv(data: Path, out: Path, cfg: TrainConfig, k: int = 3, folds_only: list
     card = default_card(cfg)
     pre = card["preprocessing"]
     ext_sources = sorted({s.source for s in ext})
-    all_rows = []
+    written = []
     for i, test in enumerate(folds):
         if folds_only and i not in folds_only:
             continue
@@ -431,19 +414,10 @@ def run_cv(data: Path, out: Path, cfg: TrainConfig, k: int = 3, folds_only: list
         fcard["training"] = dict(card["training"], fold=i, test_subjects=test, validation_subjects=val_subj,
                                  train_subjects=fit_subj, external_sources=train_ext, held_out_source=held)
         write_card(fcard, weights)
-        rows = evaluate_volumes(model, card, [v for v in vols if v.subject in test])
-        for r in rows:
-            r["fold"] = i
-        unseen = [s for s in ext_sources if s not in train_ext]
-        ext_eval = evaluate_external(model, card, external_set(ext, unseen, pre)) if unseen else {}
-        res = {"fold": i, "test": test, "val": val_subj, "held_out_source": held,
-               "external_unseen": ext_eval, "best_epoch": hist["best_epoch"], "kept_epoch": hist["kept_epoch"],
-               "train_seconds": time.time() - t0, "rows": rows, "summary": summarise(rows),
-               "summary_raw_argmax": summarise(rows, "raw")}
-        (out / f"fold{i}_results.json").write_text(json.dumps(res, indent=1, default=float))
-        LOGGER.info("fold %d summary %s external %s", i, res["summary"], ext_eval)
-        all_rows += rows
-    return summarise(all_rows)
+        written.append(weights)
+        LOGGER.info("fold %d: %s written after %.0f s (kept epoch %d)", i, weights, time.time() - t0,
+                    hist["kept_epoch"])
+    return written
 
 
 def main(argv=None) -> int:
@@ -492,8 +466,8 @@ def main(argv=None) -> int:
                       nwmh_oversample=args.nwmh_oversample, nwmh_ce_weight=args.nwmh_ce_weight,
                       external_per_epoch=args.external_per_epoch, keep=args.keep)
     if args.cmd == "cv":
-        summary = run_cv(args.data, args.out, cfg, args.k, args.folds)
-        LOGGER.info("cross-validation mean: %s", json.dumps(summary, indent=1))
+        LOGGER.info("fold models: %s; score them with the 'ensemble' command", run_cv(args.data, args.out, cfg,
+                                                                                         args.k, args.folds))
     else:
         from .bids_data import train_from_bids
         LOGGER.info("wrote %s", train_from_bids(args.bids_dir, args.labels_dir, args.out, cfg, args.init))

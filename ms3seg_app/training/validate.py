@@ -61,22 +61,16 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float(np.logical_and(a, b).sum()) / s if s else 1.0
 
 
-def _rigid_move(data: np.ndarray, angle_deg: float, shift_vox, order: int) -> np.ndarray:
-    """Rotate each axial (I, J) slice about the centre and shift (voxels); same grid."""
+def _rigid_move(data: np.ndarray, angle_deg: float, shift_vox, order: int, inverse: bool = False) -> np.ndarray:
+    """Rotate each axial (I, J) slice about the centre and shift (voxels), on the same grid;
+    ``inverse`` undoes the move (forward: out(x) = in(R x + o); inverse: in(y) = out(R^T (y - o)))."""
     a = np.deg2rad(angle_deg)
     rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
     centre = (np.array(data.shape) - 1) / 2.0
     offset = centre - rot @ centre - np.array([shift_vox[0], shift_vox[1], 0.0])
+    if inverse:
+        rot, offset = rot.T, -rot.T @ offset
     return ndimage.affine_transform(data, rot, offset=offset, order=order, mode="constant", cval=0)
-
-
-def _move_back(data: np.ndarray, angle_deg: float, shift_vox, order: int) -> np.ndarray:
-    a = np.deg2rad(angle_deg)
-    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
-    centre = (np.array(data.shape) - 1) / 2.0
-    # forward: out(x) = in(R x + o); inverse: in(y) = out(R^T (y - o))
-    offset = centre - rot @ centre - np.array([shift_vox[0], shift_vox[1], 0.0])
-    return ndimage.affine_transform(data, rot.T, offset=-rot.T @ offset, order=order, mode="constant", cval=0)
 
 
 def pseudo_rescan(img: nib.Nifti1Image, rng: np.random.Generator) -> tuple[nib.Nifti1Image, dict]:
@@ -127,7 +121,7 @@ def rescan_repeatability(pred, img: nib.Nifti1Image, copies: int = 3, seed: int 
     for _ in range(copies):
         scan, move = pseudo_rescan(img, rng)
         d = pred.predict_image(scan).dseg
-        segs.append(_move_back(d, move["angle"], move["shift"], order=0))
+        segs.append(_rigid_move(d, move["angle"], move["shift"], order=0, inverse=True))
     awmh, ven = pred.card.class_index("AWMH"), pred.card.class_index("VEN")
     out = {"dice_abnormal_wmh": [], "dice_ventricles": [], "lesions_changed_per_pair": [],
            "lesion_volume_change_pct": [], "ventricle_volume_change_pct": []}
@@ -199,8 +193,9 @@ def validate(data: Path, cv_dir: Path) -> dict:
     ext = load_external_data(data)
     pre = default_card(TrainConfig())["preprocessing"]
     rows, per_fold, loso, strip_rows, rescan_rows, ratio_home, slab_rows = [], [], {}, [], [], [], []
+    loaded = {}
     for i, weights in sorted(models.items()):
-        pred = _predictor(weights)
+        pred = loaded[i] = _predictor(weights)
         test = [v for v in vols if v.subject in folds[i]]
         frows = []
         for v in test:
@@ -242,8 +237,8 @@ def validate(data: Path, cv_dir: Path) -> dict:
     # the ensemble on the never-trained source
     from ..model.predict import Predictor
 
-    members = [m for w in models.values() for m in _predictor(w).models]
-    ens = Predictor.from_model(members, _predictor(next(iter(models.values()))).card.data)
+    members = [m for p in loaded.values() for m in p.models]
+    ens = Predictor.from_model(members, next(iter(loaded.values())).card.data)
     never = external_set(ext, list(VALIDATION_ONLY_SOURCES), pre)
     ens_ext = evaluate_external(members, ens.card.data, never) if never is not None else {}
     strip = {}
