@@ -192,9 +192,16 @@ def _quantile(x: np.ndarray, q: float) -> np.float32:
 
 def _normalize(x: np.ndarray, low: np.float32, high: np.float32) -> np.ndarray:
     """After deepbet.utils.normalize (unbiased std, like torch.Tensor.std)."""
-    x = np.clip((x - low) / (high - low), 0, 1).astype(np.float32)
-    x = (x - x.mean(dtype=np.float64)) / x.std(dtype=np.float64, ddof=1)
-    return (0.226 * x + 0.449).astype(np.float32)
+    x = (x - low) / np.float32(high - low)
+    np.clip(x, 0, 1, out=x)
+    # float32 arrays with float64 accumulators: ndarray.std(dtype=float64) would make two
+    # float64 copies of a 256^3 volume (1.1 s of 5 s on 2 cores)
+    mean = x.mean(dtype=np.float64)
+    x -= np.float32(mean)
+    std = np.sqrt(np.square(x).sum(dtype=np.float64) / (x.size - 1))
+    x *= np.float32(0.226 / std)
+    x += np.float32(0.449)
+    return x
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ class LesionDefinition:
             if small.any():
                 lab[small[lab]] = 0
                 lab, n = ndimage.label(lab > 0, structure=st)
-        return lab.astype(np.int32), int(n)
+        return lab.astype(np.int32, copy=False), int(n)
 
     def to_dict(self) -> dict:
         """``{"connectivity": 26, "min_volume_mm3": 3.0}`` for sidecars and model cards."""

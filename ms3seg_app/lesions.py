@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .distance import bounding_box, component_min_distance
 from .lesion_definition import LESION
 
 PERIVENTRICULAR_MM = 3.0
@@ -76,27 +77,31 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
             "mean_probability", "uncertainty", "dist_ventricles_mm", "dist_brain_surface_mm", "location"]
     if n == 0:
         return pd.DataFrame(columns=cols)
-    # distance maps inside the brain's bounding box (+2 voxels): exact, since ventricles and
-    # lesions lie in the brain and the box keeps non-brain voxels at its border; a large
-    # scan's air and neck then cost no memory
+    # distances inside the brain's bounding box (+2 voxels): ventricles and lesions lie in the
+    # brain and the box keeps non-brain voxels at its border; asked only of lesion voxels
+    # (:mod:`ms3seg_app.distance`), so a large scan costs no whole-volume distance map
     box = _brain_box(brain_mask, lab > 0)
-    vent = dseg[box] == ventricle_class
-    d_vent = (ndimage.distance_transform_edt(~vent, sampling=spacing) if vent.any()
-              else np.full(vent.shape, np.inf))
-    if brain_mask is not None and np.asarray(brain_mask).any():
-        d_surf = ndimage.distance_transform_edt(np.asarray(brain_mask, bool)[box], sampling=spacing)
-    else:
-        d_surf = np.full(vent.shape, np.inf)
     lab_box = lab[box]
-    idx = np.arange(1, n + 1)
-    counts = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-    centroids = np.array(ndimage.center_of_mass(lab > 0, lab, idx)).reshape(n, 3)
+    dv = component_min_distance(lab_box, n, dseg[box] == ventricle_class, spacing)
+    if brain_mask is not None and np.asarray(brain_mask).any():
+        ds = component_min_distance(lab_box, n, ~np.asarray(brain_mask, bool)[box], spacing)
+    else:
+        ds = np.full(n, np.inf)
+    # per-lesion sums over the lesion voxels only (ndimage.mean would cast the whole box to
+    # float64: 0.4 GB of a 512x512x300 scan)
+    vox = np.nonzero(lab_box)
+    ids = lab_box[vox] - 1
+    counts = np.bincount(ids, minlength=n)
+    centroids = np.column_stack([np.bincount(ids, weights=v, minlength=n) for v in vox]) / counts[:, None]
+    centroids += [s.start for s in box]
     world = (np.c_[centroids, np.ones(n)] @ np.asarray(affine).T)[:, :3]
-    dv = ndimage.minimum(d_vent, lab_box, idx)
-    ds = ndimage.minimum(d_surf, lab_box, idx)
-    mp = ndimage.mean(awmh_prob[box], lab_box, idx) if awmh_prob is not None else np.full(n, np.nan)
-    unc = (2.0 * np.asarray(ndimage.mean(uncertainty[box], lab_box, idx)) if uncertainty is not None
-           else np.zeros(n))
+    absolute = tuple(v + s.start for v, s in zip(vox, box))
+
+    def lesion_mean(vol):
+        return np.bincount(ids, weights=np.asarray(vol[absolute], np.float64), minlength=n) / counts
+
+    mp = lesion_mean(awmh_prob) if awmh_prob is not None else np.full(n, np.nan)
+    unc = 2.0 * lesion_mean(uncertainty) if uncertainty is not None else np.zeros(n)
     rows = []
     for i in range(n):
         vol = float(counts[i] * vox_mm3)
@@ -114,8 +119,7 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
 def _brain_box(brain_mask, lesions: np.ndarray) -> tuple:
     """Bounding box (slices) of the brain mask and the lesions, grown by 2 voxels and clipped."""
     fg = lesions if brain_mask is None else (np.asarray(brain_mask, bool) | lesions)
-    idx = np.nonzero(fg)
-    return tuple(slice(max(0, int(i.min()) - 2), int(i.max()) + 3) for i in idx)
+    return bounding_box(fg, 2)
 
 
 def volume_table(dseg: np.ndarray, affine: np.ndarray, lesions: pd.DataFrame,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .distance import bounding_box, component_min_distance
 from .lesion_definition import LESION
 
 NWMH_MAX_VENTRICLE_DISTANCE_MM = 5.0
@@ -42,19 +43,13 @@ def enforce_periventricular_nwmh(probs: np.ndarray, spacing, max_distance_mm: fl
     nwmh_mask = dseg == nwmh
     if not nwmh_mask.any():
         return dseg
-    # distances only inside the normal-WMH bounding box grown by the threshold: a ventricle
+    # ventricles only inside the normal-WMH bounding box grown by the threshold: a ventricle
     # voxel outside it is farther than max_distance_mm from every normal-WMH voxel, so the
-    # decision is exact, and a large scan needs no whole-volume distance map
-    idx = np.nonzero(nwmh_mask)
+    # decision is exact; distances are asked only of normal-WMH voxels (ms3seg_app.distance)
     grow = [int(np.ceil(max_distance_mm / s)) + 1 for s in spacing]
-    box = tuple(slice(max(0, int(i.min()) - g), int(i.max()) + 1 + g) for i, g in zip(idx, grow))
-    vent = dseg[box] == ventricles
-    if vent.any():
-        dist = ndimage.distance_transform_edt(~vent, sampling=spacing)
-    else:
-        dist = np.full(vent.shape, np.inf)
+    box = bounding_box(nwmh_mask, grow)
     lab, n = ndimage.label(nwmh_mask[box], structure=LESION.structure())
-    mins = ndimage.minimum(dist, lab, np.arange(1, n + 1))
+    mins = component_min_distance(lab, n, dseg[box] == ventricles, spacing)
     far = np.zeros(n + 1, bool)
     far[1:] = np.asarray(mins) > max_distance_mm
     move = np.zeros(dseg.shape, bool)

@@ -94,6 +94,31 @@ def test_ensemble_card_loads_every_member_and_averages(tmp_path):
     np.testing.assert_allclose(spread, np.std([s[..., 3] for s in singles], axis=0), atol=1e-5)
     same = Predictor(card, [ens.models[0], ens.models[0]], tta=False)
     assert float(same.predict_slices(x)[1].max()) == 0.0      # identical members: no uncertainty
+    assert len(ens._graphs) == 1                              # one traced graph for both members
+
+
+def test_ensemble_of_different_architectures_and_tta(tmp_path):
+    """Members of different widths each get their graph; TTA averages the flipped prediction."""
+    from ms3seg_app.model.card import load_card, write_ensemble_card
+    from ms3seg_app.model.predict import Predictor
+    from ms3seg_app.training.train import TrainConfig, default_card
+
+    a, b = _model(tmp_path / "a.keras", base_filters=4, seed=1), _model(tmp_path / "b.keras", base_filters=8, seed=2)
+    cp = write_ensemble_card(default_card(TrainConfig(base_filters=4)), [a, b], tmp_path / "ens_model_card.json")
+    x = np.random.default_rng(1).random((5, 64, 48)).astype(np.float32) + 0.2
+    ens = Predictor.load(cp, tta=True)
+    mean, _ = ens.predict_slices(x)
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        assert len(ens._graphs) == 2
+    want = []
+    for m in ens.models:
+        p = np.asarray(m(x[..., None], training=False))
+        pf = np.asarray(m(x[:, ::-1, :, None], training=False))[:, ::-1]
+        want.append(0.5 * (p + pf))
+    np.testing.assert_allclose(mean, np.mean(want, axis=0), atol=1e-5)
+    assert load_card(cp).members[1].path.name == "b.keras"
 
 
 def test_one_lesion_definition_in_table_metrics_and_card():
