@@ -6,8 +6,8 @@ For a clinical 2D FLAIR (256x256x20, 0.9x0.9x6.5 mm) and a 1 mm 3D FLAIR (182x21
 both synthetic heads made here (speed does not depend on content), it prints:
 
 - the participant level for one FLAIR, in a fresh process, default options, with the
-  time of each stage (from the dseg sidecar's ``StageSeconds``) and the rest as
-  start-up/indexing/validation; peak memory (``ru_maxrss`` of the child);
+  time of each start-up step and stage (the run log's ``STARTUP_SECONDS`` and
+  ``STAGE_SECONDS``), inference in its parts; peak memory (``ru_maxrss`` of the child);
 - the seed yardstick measured in the same run: a fresh process that loads the FLAIR,
   min-max scales it, resizes each slice to 256x256 and predicts with MS3SEG's U-Net of
   base width 64 (random weights; speed does not depend on them), as a user of the MS3SEG
@@ -110,12 +110,13 @@ def participant(bids: Path, out: Path, *extra) -> list:
             "-q", *extra]
 
 
-def stage_seconds(out: Path) -> dict:
-    """Stage times of the first FLAIR, from the run log's ``STAGE_SECONDS`` line."""
+def logged_seconds(out: Path, key: str = "STAGE_SECONDS") -> dict:
+    """Times from the run log: the first FLAIR's stages (``STAGE_SECONDS``; parts of a stage
+    are named ``stage.part``) or the run's start-up steps (``STARTUP_SECONDS``)."""
     for log in sorted((out / "logs").glob("ms3seg_participant_*.log")):
         for ln in log.read_text().splitlines():
-            if "STAGE_SECONDS" in ln:
-                return json.loads(ln.split("STAGE_SECONDS", 1)[1])
+            if key in ln:
+                return json.loads(ln.split(key, 1)[1])
     return {}
 
 
@@ -138,12 +139,15 @@ def main() -> None:
             seed_s, seed_peak, _ = run([sys.executable, "-c", "import json\n" + SEED, str(flair)], "seed")
             out = tmp / f"out_{name}"
             ours, peak, rc = run(participant(bids, out, "--skull-strip", a.skull_strip), "ours")
-            st = stage_seconds(out) if rc == 0 else {}
-            rest = ours - sum(st.values())
+            st = logged_seconds(out) if rc == 0 else {}
+            up = logged_seconds(out, "STARTUP_SECONDS") if rc == 0 else {}
+            rest = ours - sum(v for k, v in st.items() if "." not in k) - sum(up.values())
             print(f"{name} {shape}: ours {ours:.1f} s (peak {peak:.0f} MB), seed bare model {seed_s:.1f} s, "
                   f"ratio {ours / seed_s:.2f} (target <= 0.5)")
-            print("   stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
-                  + f"; start-up+indexing+validation+writing top level {rest:.2f}")
+            print("   start-up: " + ", ".join(f"{k} {v:.2f}" for k, v in up.items())
+                  + f"; interpreter, imports and top-level files {rest:.2f}")
+            print("   stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items() if "." not in k))
+            print("   inference parts: " + ", ".join(f"{k.split('.', 1)[1]} {v:.2f}" for k, v in st.items() if "." in k))
             t_re, _, _ = run(participant(bids, out, "--skull-strip", a.skull_strip), "rerun")
             print(f"   complete rerun: {t_re:.2f} s (target < 3 s)")
             if a.many > 1:

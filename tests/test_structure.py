@@ -196,3 +196,28 @@ def test_group_uses_the_card_each_sidecar_names(tmp_path):
     assert main([str(ROOT / "bids_example"), str(out), "group"]) == 0
     df = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t")
     assert bool(df["qc_geometry"].iloc[0]) and "geometry outside training" in df["qc_flags"].iloc[0]
+
+
+def test_slices_without_brain_are_not_run_and_change_nothing_inside_the_mask(tmp_path):
+    """Inference skips slices outside the brain mask; inside the mask the result is unchanged."""
+    import nibabel as nib
+
+    from ms3seg_app.model.predict import Predictor
+
+    pred = Predictor.load(_model(tmp_path / "m.keras", seed=3), tta=False)
+    rng = np.random.default_rng(0)
+    data = np.zeros((60, 70, 12), np.float32)
+    data[10:50, 10:60, :] = 300 + 50 * rng.random((40, 50, 12))
+    img = nib.Nifti1Image(data, np.diag([1.0, 1.0, 5.0, 1.0]))
+    mask = np.zeros(data.shape, bool)
+    mask[15:45, 15:55, 4:8] = True
+    calls = []
+    forward = pred.predict_slices
+    pred.predict_slices = lambda x, run=None: calls.append(run) or forward(x, run)
+    with_mask = pred.predict_image(img, mask)
+    assert calls[0].tolist() == [False] * 4 + [True] * 4 + [False] * 4
+    full = pred.predict_image(img)
+    # same slices, same crop: equal up to float16 rounding (batch composition differs)
+    np.testing.assert_allclose(with_mask.probabilities[mask].astype(float), full.probabilities[mask].astype(float),
+                               atol=2e-3)
+    assert (with_mask.probabilities[~mask][:, 0] == 1).all() and (with_mask.dseg[~mask] == 0).all()

@@ -186,8 +186,11 @@ def _participant(opts, run_uuid: str, console) -> int:
     from ..model.card import load_card, sha256_file
     from ..participant import RunOptions, is_complete
 
+    startup: dict[str, float] = {}  # run-level seconds, logged as STARTUP_SECONDS (benchmarks read it)
+    t0 = time.perf_counter()
     inputs, without_flair = collect_inputs(opts.bids_dir, opts.participant_label, opts.session_label,
                                            load_filters(opts.bids_filter_file))
+    startup["indexing"] = time.perf_counter() - t0
     card = load_card(opts.model)  # reads and validates the card: no TensorFlow yet
     options = RunOptions(skull_strip=opts.skull_strip, n4=opts.n4, tta=not opts.no_tta, reports=not opts.no_reports)
     container = None
@@ -200,6 +203,7 @@ def _participant(opts, run_uuid: str, console) -> int:
         if opts.participant_label:  # explicitly selected: it did not succeed
             failed.append((f"sub-{sub}", msg))
     todo = []
+    t0 = time.perf_counter()
     for fi in inputs:  # resume check first: nothing heavy is imported for a complete rerun
         prefix = output_prefix(fi.entities)
         if getattr(fi, "error", None):
@@ -211,16 +215,26 @@ def _participant(opts, run_uuid: str, console) -> int:
                 done.append(prefix)
             else:
                 todo.append((fi, sha))
+    startup["resume_check"] = time.perf_counter() - t0
     LOGGER.log(IMPORTANT, "ms3seg-app %s: %d FLAIR(s) selected, %d to process; model %s (%d member(s))",
                __version__, len(inputs), len(todo), card.name, len(card.members))
     if todo and not opts.skip_bids_validation:  # a rerun with nothing left to do skips the 2-3 s validator
+        t0 = time.perf_counter()
         validate_bids(opts.bids_dir)
+        startup["validation"] = time.perf_counter() - t0
     write_top_level(opts.output_dir, card.classes, opts.bids_dir, container)
     write_used_card(opts.output_dir, card)
     if todo:
         nprocs = max(1, min(opts.nprocs, len(todo)))
         threads = opts.omp_nthreads if opts.omp_nthreads > 0 else max(1, (os.cpu_count() or 1) // nprocs)
+        t0 = time.perf_counter()
         device = select_device(opts.device, threads)
+        startup["tensorflow_import"] = time.perf_counter() - t0
+        if nprocs == 1:  # workers load their own copy
+            t0 = time.perf_counter()
+            _predictor(dict(model=opts.model, allow_unverified=opts.allow_unverified_model, options=options))
+            startup["model_load"] = time.perf_counter() - t0
+        LOGGER.debug("STARTUP_SECONDS %s", json.dumps({k: round(v, 3) for k, v in startup.items()}))
         atomic_write_json(opts.output_dir / "logs" / f"config-{run_uuid}.json", {
             "version": __version__, "argv": sys.argv, "device": device, "threads_per_flair": threads,
             "nprocs": nprocs, "model_card": str(card.path), "model_sha256": card.sha256,

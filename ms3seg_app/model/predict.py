@@ -8,7 +8,8 @@ preprocessing, class table, post-processing. An ensemble's members are averaged
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
@@ -45,11 +46,15 @@ class Prediction:
     uncertainty : ndarray (I, J, K) float16
         Standard deviation across ensemble members of the abnormal-WMH probability
         (0 where they agree, and everywhere for a single model; at most 0.5).
+    timings : dict
+        Seconds of ``slicing`` (reorientation, resampling, normalisation), ``network``,
+        ``inverse_resampling`` (onto the input grid) and ``postprocessing``.
     """
 
     probabilities: np.ndarray
     dseg: np.ndarray
     uncertainty: np.ndarray
+    timings: dict = field(default_factory=dict)
 
 
 class Predictor:
@@ -149,7 +154,7 @@ class Predictor:
         """Slices per forward pass: :data:`BATCH_PIXELS` in-plane pixels, at least 1."""
         return max(1, min(self.batch_size, BATCH_PIXELS // (h * w)))
 
-    def predict_slices(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_slices(self, x: np.ndarray, run: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Predict preprocessed slices with every member.
 
         Slices holding no head (:data:`EMPTY_SLICE_MAX`) are not run; the rest are cropped
@@ -159,6 +164,10 @@ class Predictor:
         ----------
         x : ndarray (Z, H, W) or (Z, H, W, channels) float32
             Normalised slices in model geometry.
+        run : ndarray (Z,) bool, optional
+            Slices to predict (e.g. those holding brain); the others are background. The
+            in-plane crop is still that of every slice holding head, so the slices run give
+            the same probabilities as without ``run``.
 
         Returns
         -------
@@ -181,6 +190,10 @@ class Predictor:
         rows, cols = np.nonzero(fg.any(axis=1))[0], np.nonzero(fg.any(axis=0))[0]
         r0, r1 = _padded_range(rows.min(), rows.max(), h)
         c0, c1 = _padded_range(cols.min(), cols.max(), w)
+        if run is not None:
+            keep = keep[np.asarray(run, bool)[keep]]
+            if keep.size == 0:
+                return mean, spread
         sub = inp[keep, r0:r1, c0:c1]
         fns, bs = self._member_fns(), self._batches(r1 - r0, c1 - c0)
         uc, n = self.uncertainty_class, len(fns)
@@ -211,8 +224,13 @@ class Predictor:
         -------
         Prediction on the input voxel grid.
         """
+        t0 = time.perf_counter()
         geom, x = to_model_slices(img, self.card.preprocessing)
-        p, spread = self.predict_slices(x)
+        t1 = time.perf_counter()
+        # slices without brain are not run: outside the mask every voxel is background
+        run = geom.slices_holding(mask) if mask is not None else None
+        p, spread = self.predict_slices(x, run)
+        t2 = time.perf_counter()
         n = p.shape[-1]
         # linear interpolation of per-slice softmax maps (and of the background cval 1, 0, ...)
         # keeps them summing to 1: no renormalisation pass over the whole volume is needed
@@ -229,8 +247,11 @@ class Predictor:
             probs *= inside[..., None]
             np.copyto(probs[..., 0], 1.0, where=~inside)
             unc *= inside
+        t3 = time.perf_counter()
         dseg = self.postprocess(probs, tuple(float(z) for z in img.header.get_zooms()[:3]))
-        return Prediction(probs, dseg, unc)
+        timings = {"slicing": t1 - t0, "network": t2 - t1, "inverse_resampling": t3 - t2,
+                   "postprocessing": time.perf_counter() - t3}
+        return Prediction(probs, dseg, unc, timings)
 
     def postprocess(self, probs: np.ndarray, spacing) -> np.ndarray:
         """Tri-mask from probabilities with the card's post-processing.

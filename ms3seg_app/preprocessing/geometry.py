@@ -216,6 +216,24 @@ class SliceGeometry:
         back = _invert_ornt(np.array(self.ornt, dtype=float))
         return nib.orientations.apply_orientation(data, back)
 
+    def slices_holding(self, mask: np.ndarray) -> np.ndarray:
+        """Which model slices hold any True voxel of a stored-order mask.
+
+        Model slices are the RAS+ axial slices of the input, not resampled along Z, so
+        this is exact: a model slice outside it contributes to no voxel of the mask.
+
+        Parameters
+        ----------
+        mask : ndarray (I, J, K) bool, stored order
+
+        Returns
+        -------
+        ndarray (Z,) bool
+        """
+        if tuple(mask.shape) != self.in_shape:
+            raise ValueError(f"mask shape {mask.shape} != geometry shape {self.in_shape}")
+        return self.to_ras(np.asarray(mask, bool)).any(axis=(0, 1))
+
     def forward(self, data: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
         """Stored-order volume -> model slices.
 
