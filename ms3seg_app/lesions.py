@@ -72,16 +72,20 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
     """
     spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     vox_mm3 = voxel_volume_mm3(affine)
-    lab, n = LESION.label(dseg == lesion_class, vox_mm3)
+    les = dseg == lesion_class
     cols = ["lesion_id", "n_voxels", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
             "mean_probability", "uncertainty", "dist_ventricles_mm", "dist_brain_surface_mm", "location"]
+    if not les.any():
+        return pd.DataFrame(columns=cols)
+    # everything inside the bounding box (+2 voxels) of the brain and the lesions: ventricles
+    # and lesions lie in it and it keeps non-brain voxels at its border; lesions are numbered
+    # as in the whole volume (raster order is kept by a translation); distances are asked
+    # only of lesion voxels (:mod:`ms3seg_app.distance`): a large scan's air and neck cost nothing
+    box = _brain_box(brain_mask, les)
+    lab_box, n = LESION.label(les[box], vox_mm3)
+    del les
     if n == 0:
         return pd.DataFrame(columns=cols)
-    # distances inside the brain's bounding box (+2 voxels): ventricles and lesions lie in the
-    # brain and the box keeps non-brain voxels at its border; asked only of lesion voxels
-    # (:mod:`ms3seg_app.distance`), so a large scan costs no whole-volume distance map
-    box = _brain_box(brain_mask, lab > 0)
-    lab_box = lab[box]
     dv = component_min_distance(lab_box, n, dseg[box] == ventricle_class, spacing)
     if brain_mask is not None and np.asarray(brain_mask).any():
         ds = component_min_distance(lab_box, n, ~np.asarray(brain_mask, bool)[box], spacing)

@@ -299,7 +299,9 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
         atomic_write_json(paths[f"probseg_{c.abbreviation}_json"], {
             "Sources": [raw], **space, "Label": c.abbreviation, "Description": f"probability of {c.name}",
             "ModelName": card.name, "ModelSHA256": card.sha256})
-    atomic_save_nifti(image_like(pred.dseg, img, np.uint8), paths["dseg"])
+    dseg = pred.dseg
+    del pred  # the probabilities (4 float16 per voxel) are written: the rest needs the tri-mask only
+    atomic_save_nifti(image_like(dseg, img, np.uint8), paths["dseg"])
     for mod, cimg in coreg.items():
         atomic_save_nifti(cimg, paths[mod])
         atomic_write_json(paths[f"{mod}_json"], {"Sources": [_raw_uri(getattr(fi, mod.lower()), bids_dir)],
@@ -321,7 +323,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
             from .reports.individual import write_participant_report
 
             timer.run("report", write_participant_report, paths["report"], title=prefix, flair_name=fi.path.name,
-                      flair=img, dseg=pred.dseg, brain_mask=mask, coreg=coreg, lesions=lesions, volumes=volumes,
+                      flair=img, dseg=dseg, brain_mask=mask, coreg=coreg, lesions=lesions, volumes=volumes,
                       warnings=warnings, metadata=safe_metadata(fi.metadata),
                       provenance=_provenance(card, options, method, coreg_methods))
         except Exception:  # a failed report never loses the segmentation (fMRIPrep's rule)

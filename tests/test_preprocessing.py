@@ -92,3 +92,25 @@ def test_normalize_scale_invariant_and_constant_rejected():
         normalize(np.full((10, 10, 3), 5.0, np.float32))
     m = normalize(x, method="minmax")
     assert m.min() == 0 and m.max() == 1
+
+
+@pytest.mark.parametrize("storage", ["axial", "flipped", "sagittal"])
+def test_inverse_within_a_mask_equals_the_whole_grid_inside_its_box(storage):
+    """Interpolating only the mask's bounding box gives the same values there, cval elsewhere."""
+    lab = phantom_labels()
+    img = _img(lab, zooms=(0.5, 0.5, 1.0))
+    if storage == "flipped":
+        img = img.as_reoriented(np.array([[0, -1], [1, -1], [2, 1]], float))
+    elif storage == "sagittal":
+        img = img.as_reoriented(np.array([[2, 1], [0, 1], [1, 1]], float))
+    stored = np.asarray(img.dataobj)
+    geom = SliceGeometry.from_image(img, 1.0, 128, centre_on=stored > 0)
+    onehot = np.eye(4, dtype=np.float32)[geom.forward(stored, order=0)]
+    mask = np.zeros(stored.shape, bool)
+    idx = [slice(n // 4, n // 2 + 1) for n in stored.shape]
+    mask[tuple(idx)] = True
+    full = geom.inverse(onehot, order=1, cval=[1, 0, 0, 0])
+    part = geom.inverse(onehot, order=1, cval=[1, 0, 0, 0], within=mask)
+    np.testing.assert_array_equal(part[mask], full[mask])
+    outside = part[~mask.any(axis=(1, 2))]
+    assert (outside == np.eye(4, dtype=np.float32)[0]).all()

@@ -234,10 +234,10 @@ class Predictor:
         n = p.shape[-1]
         # linear interpolation of per-slice softmax maps (and of the background cval 1, 0, ...)
         # keeps them summing to 1: no renormalisation pass over the whole volume is needed
-        probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1), dtype=PROB_DTYPE)
+        probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1), dtype=PROB_DTYPE, within=mask)
         del p
         np.clip(probs, 0.0, 1.0, out=probs)
-        unc = geom.inverse(spread, order=1, cval=0.0, dtype=PROB_DTYPE)
+        unc = geom.inverse(spread, order=1, cval=0.0, dtype=PROB_DTYPE, within=mask)
         del spread
         np.clip(unc, 0.0, 0.5, out=unc)
         if mask is not None:

@@ -268,7 +268,8 @@ class SliceGeometry:
         )
         return np.ascontiguousarray(np.moveaxis(out, 2, 0))
 
-    def inverse(self, slices: np.ndarray, order: int = 1, cval=0.0, dtype=np.float32) -> np.ndarray:
+    def inverse(self, slices: np.ndarray, order: int = 1, cval=0.0, dtype=np.float32,
+                within: np.ndarray | None = None) -> np.ndarray:
         """Model slices -> stored-order volume on the input voxel grid.
 
         Parameters
@@ -282,6 +283,10 @@ class SliceGeometry:
             background probability, 0 for the others).
         dtype : numpy dtype
             Of the output (float16 halves the memory of a large probability volume).
+        within : ndarray (I, J, K) bool, stored order, optional
+            Only voxels in this mask's bounding box are interpolated; the others get ``cval``
+            (for probabilities that are background outside the brain anyway: the brain's box
+            is a fraction of a head scan's field of view).
 
         Returns
         -------
@@ -297,16 +302,30 @@ class SliceGeometry:
         scale, offset = self._inplane()
         inv_scale = 1.0 / scale
         inv_offset = -offset / scale
+        matrix = np.array([inv_scale[0], inv_scale[1], 1.0])
+        # RAS+ box to interpolate: the whole grid, or the bounding box of `within`
+        if within is None:
+            box = tuple(slice(0, n) for n in self.ras_shape)
+        else:
+            from ..distance import bounding_box
+
+            box = bounding_box(self.to_ras(np.asarray(within, bool)))
+            box = box or tuple(slice(0, 0) for _ in self.ras_shape)
+        start = np.array([b.start for b in box], float)
+        # output voxel o of the box is voxel o + start of the grid: shift the offset
+        offset = np.array([inv_offset[0], inv_offset[1], 0.0]) + matrix * start
         # one channel at a time, written straight into the stored-order array: peak memory
         # is the output plus one channel (not two copies of the output)
         out = np.empty(tuple(self.in_shape) + (nc,), dtype=dtype)
         vol = np.moveaxis(slices, 0, 2)  # (size, size, Z, C)
         for c in range(nc):
-            ras = ndimage.affine_transform(
+            ras = np.full(tuple(self.ras_shape), cvals[c], np.float32)
+            ndimage.affine_transform(
                 vol[..., c].astype(np.float32, copy=False),
-                np.array([inv_scale[0], inv_scale[1], 1.0]),
-                offset=np.array([inv_offset[0], inv_offset[1], 0.0]),
-                output_shape=tuple(self.ras_shape),
+                matrix,
+                offset=offset,
+                output_shape=tuple(b.stop - b.start for b in box),
+                output=ras[box],  # written in place (scipy accepts a strided view)
                 order=order,
                 mode="constant",
                 cval=float(cvals[c]),

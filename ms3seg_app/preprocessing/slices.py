@@ -11,8 +11,8 @@ from .normalize import normalize
 def to_model_slices(img: nib.spatialimages.SpatialImage, pre: dict) -> tuple[SliceGeometry, np.ndarray]:
     """Reorient, resample and normalise a FLAIR as the model card's preprocessing says.
 
-    The Otsu head mask is computed once: it centres the slices and, for
-    ``head_percentile`` normalisation, sets the intensity scale.
+    The Otsu head mask is computed once: it centres the slices and is the foreground
+    the intensity anchor is taken over (``tissue_mode``, ``head_percentile``).
 
     Parameters
     ----------
@@ -29,6 +29,6 @@ def to_model_slices(img: nib.spatialimages.SpatialImage, pre: dict) -> tuple[Sli
     head = head_mask(data)
     geom = SliceGeometry.from_image(img, pre["pixel_size_mm"], pre["slice_size"], centre_on=head)
     norm = dict(pre["normalization"])
-    if norm.get("method", "head_percentile") == "head_percentile":
-        norm["mask"] = head
+    if norm.get("method", "head_percentile") != "minmax":
+        norm["mask"] = head  # the mask normalize() would compute itself (10 s of a 512x512x300 scan)
     return geom, geom.forward(normalize(data, **norm), order=1).astype(np.float32)

@@ -219,7 +219,7 @@ def _nifti_b64(data: np.ndarray, affine: np.ndarray, slope: float = 1.0) -> str:
     img.header.set_slope_inter(slope, 0.0)
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
-    return base64.b64encode(gzip.compress(img.to_bytes(), compresslevel=6)).decode("ascii")
+    return base64.b64encode(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)).decode("ascii")
 
 
 def viewer_data(can_flair: np.ndarray, can_dseg: np.ndarray, affine: np.ndarray, lo: float, hi: float,
@@ -425,26 +425,36 @@ def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndar
     """
     from scipy import ndimage
 
+    from ..distance import bounding_box
+    from ..lesion_definition import LESION
+
     if not len(lesions):
         return {}
-    comp, n = ndimage.label(can_dseg == 3, structure=np.ones((3, 3, 3)))
-    if n == 0:
+    # components inside the lesions' bounding box, centres from the lesion voxels only
+    # (ndimage.center_of_mass would make float64 volumes: 1.3 GB for a 512x512x300 scan)
+    roi = bounding_box(can_dseg == 3)
+    if roi is None:
         return {}
+    origin = np.array([r.start for r in roi])
+    comp, n = ndimage.label(can_dseg[roi] == 3, structure=LESION.structure())
+    vox = np.nonzero(comp)
+    ids = comp[vox] - 1
+    centres = np.column_stack([np.bincount(ids, weights=v, minlength=n) for v in vox]) / np.bincount(ids)[:, None]
     ijk = nib.affines.apply_affine(np.linalg.inv(can_affine),
                                    lesions[["centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]].to_numpy(float))
-    centres = np.array(ndimage.center_of_mass(comp > 0, comp, range(1, n + 1)))
     boxes = ndimage.find_objects(comp)
     marks: dict[int, list] = {}
-    for (i, j, k), lid in zip(ijk, lesions["lesion_id"]):
-        v = np.clip(np.rint([i, j, k]).astype(int), 0, np.array(comp.shape) - 1)
-        c = int(comp[tuple(v)]) or int(np.argmin(((centres - [i, j, k]) ** 2).sum(1))) + 1
+    for (i, j, k), lid in zip(ijk - origin, lesions["lesion_id"]):
+        v = np.rint([i, j, k]).astype(int)
+        inside = bool(((v >= 0) & (v < comp.shape)).all())
+        c = (int(comp[tuple(v)]) if inside else 0) or int(np.argmin(((centres - [i, j, k]) ** 2).sum(1))) + 1
         box = boxes[c - 1]
         sub = comp[box] == c
         for dk in range(sub.shape[2]):
             pts = np.argwhere(sub[:, :, dk])
             if len(pts):
-                ci, cj = pts.mean(0) + [box[0].start, box[1].start]
-                marks.setdefault(box[2].start + dk, []).append((float(ci), float(cj), str(lid)))
+                ci, cj = pts.mean(0) + [box[0].start + origin[0], box[1].start + origin[1]]
+                marks.setdefault(int(box[2].start + origin[2] + dk), []).append((float(ci), float(cj), str(lid)))
     return marks
 
 
