@@ -221,3 +221,21 @@ def test_slices_without_brain_are_not_run_and_change_nothing_inside_the_mask(tmp
     np.testing.assert_allclose(with_mask.probabilities[mask].astype(float), full.probabilities[mask].astype(float),
                                atol=2e-3)
     assert (with_mask.probabilities[~mask][:, 0] == 1).all() and (with_mask.dseg[~mask] == 0).all()
+
+
+def test_predictor_reads_current_weights_of_a_network_still_training(tmp_path):
+    """The compiled forward pass takes the weights at each call (per-epoch validation)."""
+    import keras
+
+    from ms3seg_app.model.predict import Predictor
+
+    pred = Predictor.load(_model(tmp_path / "m.keras", seed=4), tta=False)
+    x = np.random.default_rng(2).random((2, 64, 64)).astype(np.float32) + 0.2
+    before = pred.predict_slices(x)[0]
+    model = pred.models[0]
+    model.set_weights([w * 1.5 for w in model.get_weights()])
+    after = pred.predict_slices(x)[0]
+    want = np.asarray(model(x[..., None], training=False))
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, want, atol=1e-5)
+    assert keras.backend.backend() != "tensorflow" or len(pred._graphs) == 1

@@ -70,7 +70,7 @@ class Predictor:
     tta : bool
         Average each member with its left-right flipped prediction.
     batch_size : int
-        Slices per forward pass.
+        Most slices per forward pass (fewer for large slices: :data:`BATCH_PIXELS`).
     """
 
     def __init__(self, card: ModelCard, models: list, tta: bool = True, batch_size: int = 16):
@@ -144,9 +144,9 @@ class Predictor:
             key = _architecture_key(model)
             if key not in graphs:
                 graphs[key] = _stateless_graph(model, x_spec, tta)
-            tv = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
-            ntv = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
-            fns.append(lambda x, g=graphs[key], tv=tv, ntv=ntv: g(tv, ntv, x))
+            # the weights are read at each call: a network still training is never stale
+            fns.append(lambda x, g=graphs[key], m=model: g([v.value for v in m.trainable_variables],
+                                                           [v.value for v in m.non_trainable_variables], x))
         self._fns = fns
         return self._fns
 
