@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from .distance import label_counts
+
 
 @dataclass(frozen=True)
 class LesionDefinition:
@@ -61,7 +63,7 @@ class LesionDefinition:
         lab, n = ndimage.label(np.asarray(mask, bool), structure=st)
         keep_min = self.min_voxels(voxel_mm3)
         if n and keep_min > 1:
-            sizes = np.bincount(lab.ravel())
+            sizes = label_counts(lab)  # no int64 copy of the volume
             small = sizes < keep_min
             small[0] = False
             if small.any():

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .distance import bounding_box, component_min_distance
+from .distance import bounding_box, component_min_distance, label_counts
 from .lesion_definition import LESION
 
 PERIVENTRICULAR_MM = 3.0
@@ -148,7 +148,7 @@ def volume_table(dseg: np.ndarray, affine: np.ndarray, lesions: pd.DataFrame,
     """
     ml = voxel_volume_mm3(affine) / 1000.0
     idx = {a: (card.class_index(a) if card is not None else i) for a, i in (("VEN", 1), ("NWMH", 2), ("AWMH", 3))}
-    counts = np.bincount(np.asarray(dseg, np.int64).ravel(), minlength=max(idx.values()) + 1)
+    counts = label_counts(dseg, max(idx.values()) + 1)  # no int64 copy of the volume
     out = {
         "ventricles_ml": float(counts[idx["VEN"]] * ml),
         "normal_wmh_ml": float(counts[idx["NWMH"]] * ml),

@@ -66,3 +66,13 @@ def test_lesion_table_matches_whole_volume_distance_maps():
     np.testing.assert_allclose(table["mean_probability"], ndimage.mean(prob.astype(float), lab, idx), atol=1e-9)
     np.testing.assert_allclose(table["uncertainty"], 2 * np.asarray(ndimage.mean(unc.astype(float), lab, idx)),
                                atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+def test_label_counts_equal_bincount_without_a_whole_volume_copy(dtype):
+    from ms3seg_app.distance import label_counts
+
+    lab = np.random.default_rng(3).integers(0, 5, (17, 13, 9)).astype(dtype)
+    np.testing.assert_array_equal(label_counts(lab), np.bincount(lab.ravel().astype(np.int64)))
+    np.testing.assert_array_equal(label_counts(lab, 8), np.bincount(lab.ravel().astype(np.int64), minlength=8))
+    np.testing.assert_array_equal(label_counts(np.zeros((4, 4, 2), dtype), 4), [32, 0, 0, 0])
