@@ -216,6 +216,10 @@ class SliceGeometry:
         back = _invert_ornt(np.array(self.ornt, dtype=float))
         return nib.orientations.apply_orientation(data, back)
 
+    def _stored_box(self, box: tuple) -> tuple:
+        """Stored-order slices of the voxels of a RAS+ box (see :func:`_box_in_stored_order`)."""
+        return _box_in_stored_order(self.ornt, self.in_shape, box)
+
     def slices_holding(self, mask: np.ndarray) -> np.ndarray:
         """Which model slices hold any True voxel of a stored-order mask.
 
@@ -314,25 +318,39 @@ class SliceGeometry:
         start = np.array([b.start for b in box], float)
         # output voxel o of the box is voxel o + start of the grid: shift the offset
         offset = np.array([inv_offset[0], inv_offset[1], 0.0]) + matrix * start
-        # one channel at a time, written straight into the stored-order array: peak memory
-        # is the output plus one channel (not two copies of the output)
+        stored_box = self._stored_box(box)
+        # one channel at a time, interpolated into a box-sized array and written straight into
+        # the stored-order output: peak memory is the output plus one channel of the box (the
+        # brain's box is about a quarter of a head scan's field of view)
         out = np.empty(tuple(self.in_shape) + (nc,), dtype=dtype)
         vol = np.moveaxis(slices, 0, 2)  # (size, size, Z, C)
         for c in range(nc):
-            ras = np.full(tuple(self.ras_shape), cvals[c], np.float32)
-            ndimage.affine_transform(
+            out[..., c] = cvals[c]
+            ras = ndimage.affine_transform(
                 vol[..., c].astype(np.float32, copy=False),
                 matrix,
                 offset=offset,
                 output_shape=tuple(b.stop - b.start for b in box),
-                output=ras[box],  # written in place (scipy accepts a strided view)
+                output=np.float32,
                 order=order,
                 mode="constant",
                 cval=float(cvals[c]),
             )
-            out[..., c] = self.from_ras(ras)
+            out[stored_box + (c,)] = self.from_ras(ras)
             del ras
         return out[..., 0] if squeeze else out
+
+
+def _box_in_stored_order(ornt, in_shape, box) -> tuple:
+    """The stored-order slices of the voxels that a RAS+ box ``box`` holds.
+
+    ``ornt[i] = (j, flip)``: stored axis ``i`` is RAS+ axis ``j``, reversed when ``flip`` is -1.
+    """
+    out = []
+    for i, (j, flip) in enumerate(ornt):
+        b, n = box[int(j)], int(in_shape[i])
+        out.append(slice(n - b.stop, n - b.start) if flip < 0 else slice(b.start, b.stop))
+    return tuple(out)
 
 
 def _invert_ornt(ornt: np.ndarray) -> np.ndarray:
