@@ -237,5 +237,36 @@ def test_predictor_reads_current_weights_of_a_network_still_training(tmp_path):
     after = pred.predict_slices(x)[0]
     want = np.asarray(model(x[..., None], training=False))
     assert not np.allclose(before, after)
-    np.testing.assert_allclose(after, want, atol=1e-5)
+    # 1e-3: the compiled pass folds the batch norms (float32 rounding; this random network's
+    # weights x 1.5 saturate the softmax), while stale weights would differ by far more
+    np.testing.assert_allclose(after, want, atol=1e-3)
     assert keras.backend.backend() != "tensorflow" or len(pred._graphs) == 1
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_batch_norms_folded_into_convolutions_compute_the_same_network(use_bias):
+    """fold_batch_norm: same outputs as the network (ours: no conv bias; MS3SEG's .h5: bias)."""
+    import keras
+
+    from ms3seg_app.model.predict import fold_batch_norm
+    from ms3seg_app.model.unet import build_unet
+
+    keras.utils.set_random_seed(5)
+    model = build_unet((None, None, 1), base_filters=4, use_bias=use_bias)
+    rng = np.random.default_rng(5)
+    for layer in model.layers:  # batch-norm statistics and affine parameters away from 0/1
+        if isinstance(layer, keras.layers.BatchNormalization):
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 2, g.shape), rng.normal(0, 0.5, b.shape),
+                               rng.normal(0, 0.5, m.shape), rng.uniform(0.2, 3, v.shape)])
+        elif use_bias and isinstance(layer, keras.layers.Conv2D):
+            k, bias = layer.get_weights()
+            layer.set_weights([k, rng.normal(0, 0.3, bias.shape)])
+    folded, weights = fold_batch_norm(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    x = rng.random((2, 32, 48, 1)).astype(np.float32)
+    tv, ntv = weights([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+    got, _ = folded.stateless_call(tv, ntv, x, training=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(model(x, training=False)), atol=1e-5)
+    plain = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3)])
+    assert fold_batch_norm(plain) is None  # nothing to fold

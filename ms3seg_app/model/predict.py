@@ -194,20 +194,17 @@ class Predictor:
             keep = keep[np.asarray(run, bool)[keep]]
             if keep.size == 0:
                 return mean, spread
-        sub = inp[keep, r0:r1, c0:c1]
         fns, bs = self._member_fns(), self._batches(r1 - r0, c1 - c0)
         uc, n = self.uncertainty_class, len(fns)
-        acc = np.empty(sub.shape[:3] + (nc,), np.float32)
-        sd = np.empty(sub.shape[:3], np.float32)
-        for i in range(0, sub.shape[0], bs):
-            outs = [np.asarray(f(sub[i:i + bs]), np.float32) for f in fns]
-            acc[i:i + bs] = sum(outs[1:], outs[0]) / n
+        # batch by batch straight into the outputs: no cropped copy of the stack or of its results
+        for i in range(0, keep.size, bs):
+            ks = keep[i:i + bs]
+            outs = [np.asarray(f(inp[ks, r0:r1, c0:c1]), np.float32) for f in fns]
+            mean[ks, r0:r1, c0:c1] = sum(outs[1:], outs[0]) / n
             # spread from the deviations to member 0: exactly 0 when the members agree
             d = [o[..., uc] - outs[0][..., uc] for o in outs]
             md, msq = sum(d) / n, sum(di * di for di in d) / n
-            sd[i:i + bs] = np.sqrt(np.maximum(msq - md * md, 0.0))
-        mean[keep, r0:r1, c0:c1] = acc
-        spread[keep, r0:r1, c0:c1] = sd
+            spread[ks, r0:r1, c0:c1] = np.sqrt(np.maximum(msq - md * md, 0.0))
         return mean, spread
 
     def predict_image(self, img: nib.spatialimages.SpatialImage, mask: np.ndarray | None = None) -> Prediction:
@@ -289,15 +286,121 @@ def _architecture_key(model) -> str:
     return text.replace(json.dumps(model.name), '"#model"')
 
 
+def fold_batch_norm(model):
+    """The network with every batch norm that follows a convolution folded into it.
+
+    At inference a batch norm is a per-channel affine map; after a convolution it folds
+    into the kernel and bias (Jacob et al., CVPR 2018, sec. 3.2):
+    ``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``.
+    The folded network computes the same function (to float32 rounding: 2e-7 on the
+    bundled members) with one pass less over every activation (about 10 % of the
+    ensemble's CPU time, ``benchmarks/bench_speed.py``).
+
+    Parameters
+    ----------
+    model : keras.Model
+        A functional network (channels-last ``Conv2D`` -> ``BatchNormalization`` pairs are
+        folded where the convolution feeds only the batch norm).
+
+    Returns
+    -------
+    (folded, weights) or None
+        ``folded``: a copy of the architecture with biased convolutions and the folded
+        batch norms replaced by identities (its own weights are not used);
+        ``weights(tv, ntv) -> (ftv, fntv)``: the folded network's trainable and
+        non-trainable weights computed from ``model``'s (lists in
+        ``model.trainable_variables`` / ``non_trainable_variables`` order), for
+        ``folded.stateless_call``. Computed at each call, so a network still training is
+        never stale. None when nothing folds.
+    """
+    import keras
+    from keras import layers, ops
+
+    fold = {}  # conv layer name -> its batch norm
+    for layer in model.layers:
+        if not isinstance(layer, layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+            continue
+        src = layer.input._keras_history.operation
+        if (isinstance(src, layers.Conv2D) and src.data_format == "channels_last" and layer.axis in (-1, 3)
+                and len(src._inbound_nodes) == 1 and len(src._outbound_nodes) == 1):
+            fold[src.name] = layer
+    if not fold:
+        return None
+    folded_bn = {bn.name for bn in fold.values()}
+
+    class FoldedBatchNorm(layers.Layer):
+        """Identity in place of a folded batch norm (same call signature)."""
+
+        def call(self, inputs, training=None, mask=None):
+            return inputs
+
+    def clone(layer):
+        cfg = layer.get_config()
+        if layer.name in fold:
+            cfg["use_bias"] = True
+        elif layer.name in folded_bn:
+            return FoldedBatchNorm(name=layer.name)
+        return layer.__class__.from_config(cfg)
+
+    folded = keras.models.clone_model(model, clone_function=clone)
+    where = {id(v): ("t", i) for i, v in enumerate(model.trainable_variables)}
+    where.update({id(v): ("n", i) for i, v in enumerate(model.non_trainable_variables)})
+
+    # how each variable of `folded` is made from `model`'s: layers pair up by name (clone_model
+    # keeps names and order), variables of unchanged layers pair up by position
+    recipes = {}
+    for fl in folded.layers:
+        orig = model.get_layer(fl.name)
+        if fl.name in fold:
+            bn = fold[fl.name]
+            parts = {"gamma": bn.gamma if bn.scale else None, "beta": bn.beta if bn.center else None,
+                     "mean": bn.moving_mean, "var": bn.moving_variance,
+                     "bias": orig.bias if orig.use_bias else None, "kernel": orig.kernel}
+            loc = {k: where[id(v)] if v is not None else None for k, v in parts.items()}
+            recipes[id(fl.kernel)] = ("kernel", loc, bn.epsilon)
+            recipes[id(fl.bias)] = ("bias", loc, bn.epsilon)
+        elif fl.name not in folded_bn:
+            for fv, ov in zip(fl.variables, orig.variables, strict=True):
+                recipes[id(fv)] = ("copy", where[id(ov)])
+    plans = ([recipes[id(v)] for v in folded.trainable_variables],
+             [recipes[id(v)] for v in folded.non_trainable_variables])
+
+    def weights(tv, ntv):
+        def get(loc):
+            return tv[loc[1]] if loc[0] == "t" else ntv[loc[1]]
+
+        def make(plan):
+            if plan[0] == "copy":
+                return get(plan[1])
+            kind, loc, eps = plan
+            s = ops.rsqrt(get(loc["var"]) + eps)
+            if loc["gamma"] is not None:
+                s = s * get(loc["gamma"])
+            if kind == "kernel":
+                return get(loc["kernel"]) * s
+            b = (get(loc["bias"]) if loc["bias"] is not None else 0.0) - get(loc["mean"])
+            return b * s + (get(loc["beta"]) if loc["beta"] is not None else 0.0)
+
+        return [make(p) for p in plans[0]], [make(p) for p in plans[1]]
+
+    return folded, weights
+
+
 def _stateless_graph(model, x_spec, tta: bool):
-    """``tf.function(weights, non-trainable weights, x) -> softmax`` of ``model``'s architecture."""
+    """``tf.function(weights, non-trainable weights, x) -> softmax`` of ``model``'s architecture,
+    batch norms folded into the convolutions before them (:func:`fold_batch_norm`)."""
     import tensorflow as tf
     from keras import ops
 
+    plan = fold_batch_norm(model)
+    net = plan[0] if plan else model
+
     def forward(tv, ntv, x):
-        p, _ = model.stateless_call(tv, ntv, x, training=False)
+        if plan:
+            tv, ntv = plan[1](tv, ntv)
+        p, _ = net.stateless_call(tv, ntv, x, training=False)
         if tta:
-            pf, _ = model.stateless_call(tv, ntv, ops.flip(x, axis=1), training=False)
+            pf, _ = net.stateless_call(tv, ntv, ops.flip(x, axis=1), training=False)
             p = 0.5 * (p + ops.flip(pf, axis=1))
         return p
 
