@@ -1,12 +1,13 @@
 """Benchmark: whole-process time per FLAIR against the MS3SEG seed's bare model (issue 14).
 
-    python benchmarks/bench_speed.py [--skull-strip auto] [--many 4] [--big]
+    python benchmarks/bench_speed.py [--skull-strip auto] [--many 4] [--big] [--skip-validation]
 
 For a clinical 2D FLAIR (256x256x20, 0.9x0.9x6.5 mm) and a 1 mm 3D FLAIR (182x218x182),
 both synthetic heads made here (speed does not depend on content), it prints:
 
-- the participant level for one FLAIR, in a fresh process, default options, with the
-  time of each start-up step and stage (the run log's ``STARTUP_SECONDS`` and
+- the participant level for one FLAIR, in a fresh process, default options (the BIDS
+  validator included; ``--skip-validation`` leaves it out), with the time of each start-up
+  step and stage (the run log's ``STARTUP_SECONDS`` and
   ``STAGE_SECONDS``), inference in its parts; peak memory (``ru_maxrss`` of the child);
 - the seed yardstick measured in the same run: a fresh process that loads the FLAIR,
   min-max scales it, resizes each slice to 256x256 and predicts with MS3SEG's U-Net of
@@ -105,8 +106,13 @@ def run(argv, label: str) -> tuple[float, float, int]:
     return dt, peak, r.returncode
 
 
+#: Start-up steps run in a thread, in parallel with the BIDS validator (not on the wall clock)
+PARALLEL_STARTUP = ("tensorflow_import", "model_load")
+SKIP_VALIDATION: list = []  # ["--skip-bids-validation"] with --skip-validation
+
+
 def participant(bids: Path, out: Path, *extra) -> list:
-    return [sys.executable, "-c", WRAP, "ms3seg_app", str(bids), str(out), "participant", "--skip-bids-validation",
+    return [sys.executable, "-c", WRAP, "ms3seg_app", str(bids), str(out), "participant", *SKIP_VALIDATION,
             "-q", *extra]
 
 
@@ -127,7 +133,11 @@ def main() -> None:
     ap.add_argument("--nprocs", action="store_true")
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--only", choices=["2d", "3d", "none"], default=None, help="'none' with --big: only the big case")
+    ap.add_argument("--skip-validation", action="store_true",
+                    help="pass --skip-bids-validation (default: the BIDS validator runs, as by default)")
     a = ap.parse_args()
+    if a.skip_validation:
+        SKIP_VALIDATION.append("--skip-bids-validation")
     tmp = Path(tempfile.mkdtemp(prefix="ms3seg_bench_"))
     scans = {"2d": ((256, 256, 20), (0.9, 0.9, 6.5)), "3d": ((182, 218, 182), (1.0, 1.0, 1.0))}
     try:
@@ -141,11 +151,13 @@ def main() -> None:
             ours, peak, rc = run(participant(bids, out, "--skull-strip", a.skull_strip), "ours")
             st = logged_seconds(out) if rc == 0 else {}
             up = logged_seconds(out, "STARTUP_SECONDS") if rc == 0 else {}
-            rest = ours - sum(v for k, v in st.items() if "." not in k) - sum(up.values())
+            serial = {k: v for k, v in up.items() if k not in PARALLEL_STARTUP}
+            rest = ours - sum(v for k, v in st.items() if "." not in k) - sum(serial.values())
             print(f"{name} {shape}: ours {ours:.1f} s (peak {peak:.0f} MB), seed bare model {seed_s:.1f} s, "
                   f"ratio {ours / seed_s:.2f} (target <= 0.5)")
-            print("   start-up: " + ", ".join(f"{k} {v:.2f}" for k, v in up.items())
-                  + f"; interpreter, imports and top-level files {rest:.2f}")
+            print("   start-up: " + ", ".join(f"{k} {v:.2f}" for k, v in serial.items())
+                  + f"; interpreter, imports and top-level files {rest:.2f}; in a thread beside the validator: "
+                  + ", ".join(f"{k} {up[k]:.2f}" for k in PARALLEL_STARTUP if k in up))
             print("   stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items() if "." not in k))
             print("   inference parts: " + ", ".join(f"{k.split('.', 1)[1]} {v:.2f}" for k, v in st.items() if "." in k))
             t_re, _, _ = run(participant(bids, out, "--skull-strip", a.skull_strip), "rerun")
@@ -164,7 +176,7 @@ def main() -> None:
             out = tmp / "out_big"
             t, peak, rc = run(participant(bids, out, "--skull-strip", a.skull_strip), "big")
             size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "logs" not in p.parts)
-            print(f"512x512x300: {t:.1f} s, peak {peak:.0f} MB (target <= 4 GB), outputs {size / 1e6:.1f} MB, rc={rc}")
+            print(f"512x512x300: {t:.1f} s, peak {peak:.0f} MB (targets: <= 4 GB reliability issue, <= 2.5 GB speed issue), outputs {size / 1e6:.1f} MB, rc={rc}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -170,3 +170,31 @@ def test_failed_flair_is_one_line_with_the_traceback_in_logs(tmp_path, tiny_mode
     crash = list((out / "logs").glob("crash-sub-02-*.txt"))
     assert crash and "Traceback" in crash[0].read_text()
     assert not (out / "sub-02").exists() or not list((out / "sub-02").rglob("*.nii.gz"))
+
+
+def test_validator_runs_beside_the_model_load_and_an_invalid_dataset_stops_cleanly(tmp_path, tiny_model):
+    """TensorFlow and the model load in a thread while the validator runs; an invalid dataset
+    still stops the run (exit 1, one line, nothing processed) after that thread is joined."""
+    import threading
+
+    exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator-deno",
+                                                                  path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("bids-validator-deno is not installed")
+    bids = tmp_path / "bids"
+    shutil.copytree(EXAMPLE, bids)
+    out = tmp_path / "out"
+    args = ["participant", "--participant-label", "02", "--skull-strip", "none", "--device", "cpu",
+            "--no-reports", "--model", tiny_model]
+    assert _run([bids, out, *args]) == 0
+    log = next((out / "logs").glob("ms3seg_participant_*.log")).read_text()
+    startup = json.loads(log.split("STARTUP_SECONDS", 1)[1].splitlines()[0])
+    assert {"validation", "model_load", "waiting_for_model"} <= set(startup)
+
+    shutil.rmtree(out)
+    (bids / "sub-02" / "anat" / "sub-02_notasuffix.nii.gz").write_bytes(b"x")  # not a BIDS file name
+    assert _run([bids, out, *args]) == 1
+    assert not list(out.rglob("*_dseg.nii.gz"))
+    log = next((out / "logs").glob("ms3seg_participant_*.log")).read_text()
+    assert "is not a valid BIDS dataset" in log and "--skip-bids-validation" in log
+    assert not [t for t in threading.enumerate() if t.name.startswith("ms3seg-startup")]
