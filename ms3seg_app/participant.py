@@ -325,7 +325,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
             timer.run("report", write_participant_report, paths["report"], title=prefix, flair_name=fi.path.name,
                       flair=img, dseg=dseg, brain_mask=mask, coreg=coreg, lesions=lesions, volumes=volumes,
                       warnings=warnings, metadata=safe_metadata(fi.metadata),
-                      provenance=_provenance(card, options, method, coreg_methods))
+                      provenance=_provenance(card, options, method, coreg_methods), classes=card.classes)
         except Exception:  # a failed report never loses the segmentation (fMRIPrep's rule)
             LOGGER.exception("%s: the HTML report failed; the derivatives are complete", prefix)
             result.warnings.append("report failed (traceback in the log)")

@@ -376,3 +376,18 @@ def test_group_report_in_chromium(tmp_path):
         full_screenshot(drv, "group-full.png")
     finally:
         drv.quit()
+
+
+def test_report_draws_the_classes_of_the_card_that_made_the_segmentation(tmp_path):
+    """Colours and lesion label come from the model card's class table, not the package's."""
+    from ms3seg_app.model.card import ClassInfo
+
+    classes = (ClassInfo(0, "background", "BG", "#000000"), ClassInfo(1, "ventricles", "VEN", "#123456"),
+               ClassInfo(2, "normal WMH", "NWMH", "#00aa00"), ClassInfo(3, "abnormal WMH", "AWMH", "#ff8800"))
+    out, _ = render(tmp_path, classes=classes)
+    html = out.read_text()
+    for color in ("#123456", "#00aa00", "#ff8800"):
+        assert color in html
+    assert "#ff0000" not in html and "#0000ff" not in html
+    default, _ = render(tmp_path, name="sub-01_ses-02.html")
+    assert "#ff0000" in default.read_text()

@@ -119,13 +119,28 @@ def _even(ks: list[int], n: int) -> list[int]:
 
 # --------------------------------------------------------------------------- figures
 
-_RGB = {i: np.array([int(c[1:3], 16), int(c[3:5], 16), int(c[5:7], 16)], float) / 255 for i, (_n, _a, c)
-        in CLASSES.items()}
+def class_table(classes=None) -> list[dict]:
+    """The classes to draw: ``index``, ``name``, ``abbr``, ``color`` (``#rrggbb``) per class.
+
+    Parameters
+    ----------
+    classes : sequence of :class:`~ms3seg_app.model.card.ClassInfo`, optional
+        The class table of the model card that made the segmentation (names, label values
+        and colours come from it); default: the MS3SEG tri-mask (``ms3seg_app.CLASSES``).
+    """
+    if classes is None:
+        return [{"index": i, "name": n, "abbr": a, "color": c} for i, (n, a, c) in CLASSES.items()]
+    return [{"index": int(c.index), "name": c.name, "abbr": c.abbreviation, "color": c.color} for c in classes]
+
+
+def _rgb(color: str) -> np.ndarray:
+    return np.array([int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16)], float) / 255
 
 
 def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, ncols: int = 4,
             labels: np.ndarray | None = None, alpha: float = 0.45, contour: np.ndarray | None = None,
-            edges: np.ndarray | None = None, marks: dict | None = None, tile_in: float = 2.6) -> str:
+            edges: np.ndarray | None = None, marks: dict | None = None, tile_in: float = 2.6,
+            classes: list | None = None) -> str:
     """One PNG (base64) of axial slices ``ks`` of RAS+ arrays, radiological display.
 
     Parameters
@@ -137,13 +152,15 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
     zooms : sequence of float
         Voxel size (mm) along I, J (sets the pixel aspect).
     labels : ndarray, (I, J, K) uint8, optional
-        Tri-mask, blended with ``alpha`` in the MS3SEG colours.
+        Segmentation, blended with ``alpha`` in the colours of ``classes``.
     contour : ndarray, (I, J, K) bool, optional
         Drawn as a yellow outline (brain mask).
     edges : ndarray, (I, J, K) bool, optional
         Painted magenta (edges of another image).
     marks : dict, optional
         slice index -> list of (i, j, text) RAS+ voxel positions of lesion ids.
+    classes : list of dict, optional
+        :func:`class_table` (default: the MS3SEG tri-mask).
     """
     import matplotlib
 
@@ -163,9 +180,10 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
         tile = np.repeat(g[..., None], 3, axis=2)
         if labels is not None:
             lb = _disp(labels[:, :, k])
-            for cls in (1, 2, 3):
-                m = lb == cls
-                tile[m] = (1 - alpha) * tile[m] + alpha * _RGB[cls]
+            for c in class_table() if classes is None else classes:
+                if c["index"]:
+                    m = lb == c["index"]
+                    tile[m] = (1 - alpha) * tile[m] + alpha * _rgb(c["color"])
         if edges is not None:
             tile[_disp(edges[:, :, k])] = (1.0, 0.2, 1.0)
         rgb[r0:r0 + h, c0:c0 + w] = tile
@@ -273,17 +291,23 @@ def _fmt(v, nd: int = 3) -> str:
     return format_value(v, nd)
 
 
-def key_figures(volumes: dict) -> dict:
-    """Headline rows: class volumes (mL, % ICV) and lesions by location (n, mL, % of lesion volume)."""
+def key_figures(volumes: dict, classes: list | None = None) -> dict:
+    """Headline rows: class volumes (mL, % ICV) and lesions by location (n, mL, % of lesion volume).
+
+    ``classes``: :func:`class_table` (colours by abbreviation; default: the MS3SEG tri-mask).
+    """
+    # the card's colours, the tri-mask's for a class the card does not name
+    color = {c["abbr"]: c["color"] for c in class_table() + list(classes or [])}
+
     def pct(x):
         return _fmt(100 * float(x), 3) if x is not None and np.isfinite(float(x)) else "n/a"
 
     classes = [
-        {"name": "Abnormal WMH (MS lesions)", "abbr": "AWMH", "color": CLASSES[3][2],
+        {"name": "Abnormal WMH (MS lesions)", "abbr": "AWMH", "color": color["AWMH"],
          "ml": _fmt(volumes.get("abnormal_wmh_ml")), "icv": pct(volumes.get("abnormal_wmh_icv_fraction", np.nan))},
-        {"name": "Normal WMH", "abbr": "NWMH", "color": CLASSES[2][2],
+        {"name": "Normal WMH", "abbr": "NWMH", "color": color["NWMH"],
          "ml": _fmt(volumes.get("normal_wmh_ml")), "icv": pct(volumes.get("normal_wmh_icv_fraction", np.nan))},
-        {"name": "Ventricles", "abbr": "VEN", "color": CLASSES[1][2],
+        {"name": "Ventricles", "abbr": "VEN", "color": color["VEN"],
          "ml": _fmt(volumes.get("ventricles_ml")), "icv": pct(volumes.get("ventricles_icv_fraction", np.nan))},
     ]
     locs = [{"name": loc.capitalize(), "count": _fmt(volumes.get(f"lesion_{loc}_count")),
@@ -403,7 +427,7 @@ def lesion_rows(lesions: pd.DataFrame, can_affine: np.ndarray) -> tuple[list[str
     return [LESION_COLUMNS.get(c, c.replace("_", " ")) for c in cols], rows, marks
 
 
-def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndarray) -> dict:
+def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndarray, lesion_class: int = 3) -> dict:
     """Lesion-id positions on every axial slice a lesion spans (not only its centroid slice).
 
     Each lesion is matched to the 26-connected abnormal-WMH component holding its centroid
@@ -418,6 +442,8 @@ def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndar
         Lesion table (centroids in scanner RAS+ mm).
     can_affine : ndarray, (4, 4)
         Voxel to mm of the RAS+ grid.
+    lesion_class : int
+        Label value of abnormal WMH (from the model card).
 
     Returns
     -------
@@ -432,11 +458,11 @@ def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndar
         return {}
     # components inside the lesions' bounding box, centres from the lesion voxels only
     # (ndimage.center_of_mass would make float64 volumes: 1.3 GB for a 512x512x300 scan)
-    roi = bounding_box(can_dseg == 3)
+    roi = bounding_box(can_dseg == lesion_class)
     if roi is None:
         return {}
     origin = np.array([r.start for r in roi])
-    comp, n = ndimage.label(can_dseg[roi] == 3, structure=LESION.structure())
+    comp, n = ndimage.label(can_dseg[roi] == lesion_class, structure=LESION.structure())
     vox = np.nonzero(comp)
     ids = comp[vox] - 1
     centres = np.column_stack([np.bincount(ids, weights=v, minlength=n) for v in vox]) / np.bincount(ids)[:, None]
@@ -464,7 +490,8 @@ def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndar
 def write_participant_report(path: Path, *, title: str, flair_name: str, flair: nib.Nifti1Image,
                              dseg: np.ndarray, brain_mask: np.ndarray, coreg: dict,
                              lesions: pd.DataFrame, volumes: dict, warnings: list[str],
-                             provenance: dict, metadata: dict, group_href: str = "group.html") -> Path:
+                             provenance: dict, metadata: dict, group_href: str = "group.html",
+                             classes=None) -> Path:
     """Write the participant report ``sub-<L>[_ses-<L>...].html`` (one self-contained file).
 
     Parameters
@@ -500,6 +527,9 @@ def write_participant_report(path: Path, *, title: str, flair_name: str, flair: 
         Acquisition sidecar fields (identifying fields already removed).
     group_href : str, optional
         Relative link to the group report.
+    classes : sequence of :class:`~ms3seg_app.model.card.ClassInfo`, optional
+        Class table of the model card that made ``dseg``: label values, names and colours
+        of the overlays, legend and viewer (default: the MS3SEG tri-mask).
 
     Returns
     -------
@@ -520,10 +550,12 @@ def write_participant_report(path: Path, *, title: str, flair_name: str, flair: 
     head = [k for k in range(nk) if (f[:, :, k] > lo + 0.05 * (hi - lo)).any()] or list(range(nk))
     brain = [k for k in range(nk) if m[:, :, k].any()] or head
 
+    table = class_table(classes)
+    awmh_label = next((c["index"] for c in table if c["abbr"] == "AWMH"), table[-1]["index"])
     columns, rows, centroid_marks = lesion_rows(lesions, can.affine)
-    marks = slice_marks(d, lesions, can.affine) or centroid_marks
+    marks = slice_marks(d, lesions, can.affine, awmh_label) or centroid_marks
     figs = {}
-    figs["headline"] = _mosaic(_even(brain, 12), f, zooms, lo, hi, labels=d, marks=marks)
+    figs["headline"] = _mosaic(_even(brain, 12), f, zooms, lo, hi, labels=d, marks=marks, classes=table)
     check_ks = _even(head, 8)
     figs["brainmask"] = _mosaic(check_ks, f, zooms, lo, hi, contour=m, tile_in=2.2)
     figs["coreg"] = []
@@ -532,23 +564,24 @@ def write_participant_report(path: Path, *, title: str, flair_name: str, flair: 
         wlo, whi = _window(arr, m)
         figs["coreg"].append({"modality": mod, "png": _mosaic(check_ks, arr, zooms, wlo, whi,
                                                               edges=flair_edges, tile_in=2.2)})
-    awmh = [k for k in range(nk) if (d[:, :, k] == 3).any()]
+    awmh = [k for k in range(nk) if (d[:, :, k] == awmh_label).any()]
     # every slice with lesions, or (more than 24) those with lesion ids first, then the most lesion voxels
-    findings = sorted(awmh, key=lambda k: (-len(centroid_marks.get(k, [])), -int((d[:, :, k] == 3).sum())))[:24]
-    figs["findings"] = _mosaic(sorted(findings), f, zooms, lo, hi, labels=d, marks=marks) if findings else None
+    findings = sorted(awmh, key=lambda k: (-len(centroid_marks.get(k, [])), -int((d[:, :, k] == awmh_label).sum())))[:24]
+    figs["findings"] = (_mosaic(sorted(findings), f, zooms, lo, hi, labels=d, marks=marks, classes=table)
+                        if findings else None)
     t_fig = time.perf_counter() - t0
     viewer = viewer_data(f, d, can.affine, lo, hi)
     html = env().get_template("participant.html.j2").render(
         csp_script_src=CSP_SCRIPT_PLACEHOLDER, title=title, version=__version__, flair=flair_name,
         group_href=group_href,
-        classes=[{"index": i, "name": n, "abbr": a, "color": c} for i, (n, a, c) in CLASSES.items() if i],
-        warnings=list(warnings or []), key=key_figures(volumes), volumes=volumes,
+        classes=[c for c in table if c["index"]],
+        warnings=list(warnings or []), key=key_figures(volumes, table), volumes=volumes,
         lesion_columns=columns, lesion_rows=rows, figs=figs, n_findings=len(awmh), n_shown=len(findings),
         methods=methods_text(provenance), provenance=provenance or {}, metadata=metadata or {},
         shape=list(f.shape), zooms=[round(float(z), 3) for z in zooms],
         viewer=viewer, viewer_config={"shape": viewer["shape"], "window": viewer["window"],
-                                      "max": viewer["max"], "classes": {str(i): c for i, (_n, _a, c)
-                                                                        in CLASSES.items()}},
+                                      "max": viewer["max"], "classes": {str(c["index"]): c["color"]
+                                                                        for c in table}},
         niivue_js=niivue_js(), niivue_version=NIIVUE_VERSION)
     out_path = atomic_write_text(Path(path), finalize_csp(html))
     LOGGER.info("%s: report in %.2f s (figures %.2f s), %.1f MB (viewer data %.1f MB)", title,
