@@ -216,10 +216,6 @@ class SliceGeometry:
         back = _invert_ornt(np.array(self.ornt, dtype=float))
         return nib.orientations.apply_orientation(data, back)
 
-    def _stored_box(self, box: tuple) -> tuple:
-        """Stored-order slices of the voxels of a RAS+ box (see :func:`_box_in_stored_order`)."""
-        return _box_in_stored_order(self.ornt, self.in_shape, box)
-
     def slices_holding(self, mask: np.ndarray) -> np.ndarray:
         """Which model slices hold any True voxel of a stored-order mask.
 
@@ -318,7 +314,7 @@ class SliceGeometry:
         start = np.array([b.start for b in box], float)
         # output voxel o of the box is voxel o + start of the grid: shift the offset
         offset = np.array([inv_offset[0], inv_offset[1], 0.0]) + matrix * start
-        stored_box = self._stored_box(box)
+        stored_box = _box_in_stored_order(self.ornt, self.in_shape, box)
         # one channel at a time, interpolated into a box-sized array and written straight into
         # the stored-order output: peak memory is the output plus one channel of the box (the
         # brain's box is about a quarter of a head scan's field of view)
