@@ -160,6 +160,60 @@ def test_bundled_weights_and_licence_present():
     assert be.WEIGHTS_PATH.stat().st_size < 20e6
 
 
+# ------------------------------------------- exact rewrites of the networks (no torch)
+def _weights(net):
+    with np.load(be.WEIGHTS_PATH) as z:
+        return {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(net + "/")}
+
+
+@pytest.mark.parametrize("net", ["bbox_model", "model"])
+def test_space_to_depth_first_convolution_equals_the_strided_7cube_convolution(net):
+    """deepbet's first layer (7^3, stride 2, padding 3) run as a 4^3 convolution of the
+    space-to-depth input gives the plain convolution's output, before its instance norm."""
+    import keras
+    import tensorflow as tf
+
+    model = be._load_nets()[net][0]
+    first = keras.Model(model.input, model.get_layer(f"{net}_init_0").output)
+    x = np.random.default_rng(1).normal(0.45, 0.22, (1, 22, 30, 18, 1)).astype(np.float32)
+    w = _weights(net)["init.0.weight"].transpose(2, 3, 4, 1, 0)  # (16, 1, 7, 7, 7) -> (7, 7, 7, 1, 16)
+    xp = np.pad(x, ((0, 0), (3, 3), (3, 3), (3, 3), (0, 0)))
+    want = tf.nn.conv3d(xp, w, strides=[1, 2, 2, 2, 1], padding="VALID").numpy()
+    got = np.asarray(first.predict_on_batch(x))
+    assert got.shape == want.shape == (1, 11, 15, 9, 16)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_head_equals_transposed_convolution_and_softmax_at_any_voxels():
+    """The last layer evaluated at chosen voxels (``_head``) equals the full transposed
+    2^3 stride-2 convolution + softmax (torch ConvTranspose3d layout), indexed with np.ix_."""
+    import keras
+
+    w, b = (_weights("model")[k] for k in ("tp_conv2.weight", "tp_conv2.bias"))  # (8, 2, 2, 2, 2), (2,)
+    _, head_w, head_b = be._load_nets()["model"]
+    f = np.random.default_rng(2).normal(0, 2, (5, 6, 7, 8)).astype(np.float32)
+    layer = keras.layers.Conv3DTranspose(2, 2, strides=2, padding="valid")
+    layer.build((1, 5, 6, 7, 8))
+    layer.set_weights([w.transpose(2, 3, 4, 1, 0), b])  # (in, out, d, h, w) -> (d, h, w, out, in)
+    logits = np.asarray(layer(f[None]))[0]
+    want = np.exp(logits[..., 1]) / np.exp(logits).sum(-1)
+    # direct sum for one voxel: output (2i+p, 2j+q, 2k+r) reads only feature (i, j, k)
+    i, j, k, p, q, r = 3, 1, 6, 1, 0, 1
+    lo = f[i, j, k] @ w[:, :, p, q, r] + b
+    assert np.isclose(want[2 * i + p, 2 * j + q, 2 * k + r], 1 / (1 + np.exp(lo[0] - lo[1])), atol=1e-6)
+    full = be._head(f, head_w, head_b, [np.arange(10), np.arange(12), np.arange(14)])
+    np.testing.assert_allclose(full, want, atol=1e-6)
+    # repeated, unordered and odd indices, as nearest-exact resampling asks
+    idx = [np.array([9, 0, 0, 3, 4]), np.array([11]), np.array([1, 1, 2, 13, 7, 6])]
+    np.testing.assert_allclose(be._head(f, head_w, head_b, idx), want[np.ix_(*idx)], atol=1e-6)
+    assert be._head(f, head_w, head_b, idx).dtype == np.float32
+
+
+def test_predict_on_odd_sizes_is_refused():
+    with pytest.raises(ValueError, match="even sizes"):
+        be._predict("bbox_model", np.zeros((64, 63, 64), np.float32))
+
+
 # ----------------------------------------------------- pieces against deepbet/torch
 def test_nearest_exact_index_matches_torch():
     torch = pytest.importorskip("torch")
