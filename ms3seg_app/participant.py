@@ -268,7 +268,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     pred = timer.run("inference", predictor.predict_image, seg_img, restrict_to_brain(mask, spacing))
     # the inference stage in its parts (network, resampling back to the FLAIR grid, ...)
     timer.timings.update({f"inference.{k}": v for k, v in pred.timings.items()})
-    awmh = card.class_index("AWMH")
+    awmh = card.lesion_class
     lesions = timer.run("lesion_analysis", lesion_table, pred.dseg, img.affine, mask, pred.probabilities[..., awmh],
                         pred.uncertainty, lesion_class=awmh, ventricle_class=card.class_index("VEN"))
     volumes = volume_table(pred.dseg, img.affine, lesions, mask, card)

@@ -56,6 +56,29 @@ def test_missing_card_and_wrong_class_count(tmp_path):
         load_model(w)
 
 
+def test_lesion_class_has_one_definition_for_inference_and_report():
+    """The lesion class is the card's AWMH class, wherever it is numbered; a card without one
+    is refused by the predictor's uncertainty and by the report alike (no fallback to the last class)."""
+    from ms3seg_app.model.card import ClassInfo, ModelCard, class_index
+    from ms3seg_app.model.predict import Predictor
+    from ms3seg_app.reports.individual import _class_infos
+
+    base = {"name": "swapped", "architecture": {"type": "unet2d"}, "input": {"shape": [None, None, None, 1]},
+            "preprocessing": {"normalization": {"method": "minmax"}}}
+    classes = [{"index": 0, "abbreviation": "BG"}, {"index": 1, "abbreviation": "AWMH"},
+               {"index": 2, "abbreviation": "NWMH"}, {"index": 3, "abbreviation": "VEN"}]
+    card = ModelCard.from_dict({**base, "classes": classes})
+    assert card.lesion_class == 1
+    assert Predictor(card, [object()]).uncertainty_class == 1
+    plain = ModelCard.from_dict({**base, "classes": [{"index": i} for i in range(4)]})
+    with pytest.raises(ModelError, match="no class 'AWMH'"):
+        Predictor(plain, [object()]).uncertainty_class
+    with pytest.raises(ModelError, match="report.*no class 'AWMH'"):
+        class_index(plain.classes, "AWMH", "the report's class table")
+    assert class_index(_class_infos(None), "AWMH") == 3  # the MS3SEG tri-mask by default
+    assert class_index((ClassInfo(0, "bg", "BG", "#000000"), ClassInfo(1, "l", "AWMH", "#ff0000")), "AWMH") == 1
+
+
 def test_lambda_layer_refused_by_safe_mode(tmp_path):
     import keras
 

@@ -39,6 +39,23 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 WEIGHTS_ENV = "MS3SEG_WEIGHTS"
 CARD_SUFFIX = "_model_card.json"
 REQUIRED_KEYS = ("name", "architecture", "input", "preprocessing", "classes")
+#: Abbreviation of the MS-lesion class (abnormal WMH): the class of the lesion table, the
+#: lesion burden and the per-voxel uncertainty map.
+LESION_CLASS = "AWMH"
+
+
+def class_index(classes, abbreviation: str, where: str = "class table") -> int:
+    """Label value of the class abbreviated ``abbreviation`` in a sequence of :class:`ClassInfo`.
+
+    Raises
+    ------
+    ModelError
+        If no class has this abbreviation (the message names ``where``).
+    """
+    for c in classes:
+        if c.abbreviation == abbreviation:
+            return c.index
+    raise ModelError(f"{where} has no class {abbreviation!r}")
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
@@ -135,10 +152,12 @@ class ModelCard:
         ModelError
             If the card has no such class.
         """
-        for c in self.classes:
-            if c.abbreviation == abbreviation:
-                return c.index
-        raise ModelError(f"model card {self.name!r} has no class {abbreviation!r}")
+        return class_index(self.classes, abbreviation, f"model card {self.name!r}")
+
+    @property
+    def lesion_class(self) -> int:
+        """Label value of the MS-lesion class (:data:`LESION_CLASS`); ModelError if absent."""
+        return self.class_index(LESION_CLASS)
 
     @classmethod
     def from_dict(cls, data: dict, path: Path | None = None, sha256: str | None = None) -> "ModelCard":

@@ -80,8 +80,12 @@ class Predictor:
         self.tta, self.batch_size = tta, batch_size
         self._fns = None
         self._graphs: dict = {}  # architecture key -> traced graph
-        self.uncertainty_class = next((c.index for c in card.classes if c.abbreviation == "AWMH"),
-                                      card.n_classes - 1)
+
+    @property
+    def uncertainty_class(self) -> int:
+        """Label value whose probability spread over members is the uncertainty map (the
+        card's lesion class; ModelError if the card has none)."""
+        return self.card.lesion_class
 
     @classmethod
     def load(cls, model=None, allow_unverified: bool = False, tta: bool = True) -> "Predictor":

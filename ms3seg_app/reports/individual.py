@@ -29,6 +29,7 @@ import pandas as pd
 
 from .. import CLASSES, __version__
 from ..derivatives import atomic_write_text
+from ..model.card import LESION_CLASS, class_index
 from . import CSP_SCRIPT_PLACEHOLDER, env, finalize_csp, format_value, png_base64
 
 LOGGER = logging.getLogger("ms3seg.reports")
@@ -119,6 +120,13 @@ def _even(ks: list[int], n: int) -> list[int]:
 
 # --------------------------------------------------------------------------- figures
 
+def _class_infos(classes=None) -> tuple:
+    """``classes``, or the MS3SEG tri-mask (``ms3seg_app.CLASSES``) as ClassInfo."""
+    from ..model.card import ClassInfo
+
+    return tuple(classes) if classes is not None else tuple(ClassInfo(i, *v) for i, v in CLASSES.items())
+
+
 def class_table(classes=None) -> list[dict]:
     """The classes to draw: ``index``, ``name``, ``abbr``, ``color`` (``#rrggbb``) per class.
 
@@ -128,9 +136,8 @@ def class_table(classes=None) -> list[dict]:
         The class table of the model card that made the segmentation (names, label values
         and colours come from it); default: the MS3SEG tri-mask (``ms3seg_app.CLASSES``).
     """
-    if classes is None:
-        return [{"index": i, "name": n, "abbr": a, "color": c} for i, (n, a, c) in CLASSES.items()]
-    return [{"index": int(c.index), "name": c.name, "abbr": c.abbreviation, "color": c.color} for c in classes]
+    return [{"index": int(c.index), "name": c.name, "abbr": c.abbreviation, "color": c.color}
+            for c in _class_infos(classes)]
 
 
 def _rgb(color: str) -> np.ndarray:
@@ -553,7 +560,7 @@ def write_participant_report(path: Path, *, title: str, flair_name: str, flair: 
     brain = [k for k in range(nk) if m[:, :, k].any()] or head
 
     table = class_table(classes)
-    awmh_label = next((c["index"] for c in table if c["abbr"] == "AWMH"), table[-1]["index"])
+    awmh_label = class_index(_class_infos(classes), LESION_CLASS, "the report's class table")
     columns, rows, centroid_marks = lesion_rows(lesions, can.affine)
     marks = slice_marks(d, lesions, can.affine, awmh_label) or centroid_marks
     figs = {}

@@ -122,7 +122,7 @@ def rescan_repeatability(pred, img: nib.Nifti1Image, copies: int = 3, seed: int 
         scan, move = pseudo_rescan(img, rng)
         d = pred.predict_image(scan).dseg
         segs.append(_rigid_move(d, move["angle"], move["shift"], order=0, inverse=True))
-    awmh, ven = pred.card.class_index("AWMH"), pred.card.class_index("VEN")
+    awmh, ven = pred.card.lesion_class, pred.card.class_index("VEN")
     out = {"dice_abnormal_wmh": [], "dice_ventricles": [], "lesions_changed_per_pair": [],
            "lesion_volume_change_pct": [], "ventricle_volume_change_pct": []}
     for a, b in combinations(segs, 2):
