@@ -1,6 +1,6 @@
 """Benchmark: whole-process time per FLAIR against the MS3SEG seed's bare model (issue 14).
 
-    python benchmarks/bench_speed.py [--skull-strip auto] [--many 4] [--big] [--skip-validation]
+    python benchmarks/bench_speed.py [--skull-strip auto] [--many 4] [--big] [--skip-validation] [--no-tta]
 
 For a clinical 2D FLAIR (256x256x20, 0.9x0.9x6.5 mm) and a 1 mm 3D FLAIR (182x218x182),
 both synthetic heads made here (speed does not depend on content), it prints:
@@ -112,12 +112,11 @@ def run(argv, label: str) -> tuple[float, float, int]:
 
 #: Start-up steps run in a thread, in parallel with the BIDS validator (not on the wall clock)
 PARALLEL_STARTUP = ("tensorflow_import", "model_load")
-SKIP_VALIDATION: list = []  # ["--skip-bids-validation"] with --skip-validation
 
 
-def participant(bids: Path, out: Path, *extra) -> list:
-    return [sys.executable, "-c", WRAP, "ms3seg_app", str(bids), str(out), "participant", *SKIP_VALIDATION,
-            "-q", *extra]
+def participant(bids: Path, out: Path, options: list) -> list:
+    """The participant level's command line: ``options`` are ms3seg's own (e.g. ``--skull-strip auto``)."""
+    return [sys.executable, "-c", WRAP, "ms3seg_app", str(bids), str(out), "participant", "-q", *options]
 
 
 def logged_seconds(out: Path, key: str = "STAGE_SECONDS") -> dict:
@@ -139,9 +138,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["2d", "3d", "none"], default=None, help="'none' with --big: only the big case")
     ap.add_argument("--skip-validation", action="store_true",
                     help="pass --skip-bids-validation (default: the BIDS validator runs, as by default)")
+    ap.add_argument("--no-tta", action="store_true", help="pass --no-tta (default: flip test-time augmentation)")
     a = ap.parse_args()
-    if a.skip_validation:
-        SKIP_VALIDATION.append("--skip-bids-validation")
+    opts = ["--skull-strip", a.skull_strip] + ["--skip-bids-validation"] * a.skip_validation + ["--no-tta"] * a.no_tta
     tmp = Path(tempfile.mkdtemp(prefix="ms3seg_bench_"))
     scans = {"2d": ((256, 256, 20), (0.9, 0.9, 6.5)), "3d": ((182, 218, 182), (1.0, 1.0, 1.0))}
     try:
@@ -152,7 +151,7 @@ def main() -> None:
             flair = next(bids.rglob("*_FLAIR.nii.gz"))
             seed_s, seed_peak, _ = run([sys.executable, "-c", "import json\n" + SEED, str(flair)], "seed")
             out = tmp / f"out_{name}"
-            ours, peak, rc = run(participant(bids, out, "--skull-strip", a.skull_strip), "ours")
+            ours, peak, rc = run(participant(bids, out, opts), "ours")
             st = logged_seconds(out) if rc == 0 else {}
             up = logged_seconds(out, "STARTUP_SECONDS") if rc == 0 else {}
             serial = {k: v for k, v in up.items() if k not in PARALLEL_STARTUP}
@@ -164,21 +163,20 @@ def main() -> None:
                   + ", ".join(f"{k} {up[k]:.2f}" for k in PARALLEL_STARTUP if k in up))
             print("   stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items() if "." not in k))
             print("   inference parts: " + ", ".join(f"{k.split('.', 1)[1]} {v:.2f}" for k, v in st.items() if "." in k))
-            t_re, _, _ = run(participant(bids, out, "--skull-strip", a.skull_strip), "rerun")
+            t_re, _, _ = run(participant(bids, out, opts), "rerun")
             print(f"   complete rerun: {t_re:.2f} s (target < 3 s)")
             if a.many > 1:
                 many = make_bids(tmp / f"many_{name}", shape, zooms, a.many)
-                t_n, _, _ = run(participant(many, tmp / f"outmany_{name}", "--skull-strip", a.skull_strip), "many")
+                t_n, _, _ = run(participant(many, tmp / f"outmany_{name}", opts), "many")
                 print(f"   {a.many} FLAIRs in one run: {t_n:.1f} s, amortised {(t_n - ours) / (a.many - 1):.1f} s "
                       f"per FLAIR (targets: 2D <= 3 s, 3D <= 15 s)")
                 if a.nprocs:
-                    t_p, _, _ = run(participant(many, tmp / f"outpar_{name}", "--skull-strip", a.skull_strip,
-                                                "--nprocs", "2"), "nprocs")
+                    t_p, _, _ = run(participant(many, tmp / f"outpar_{name}", opts + ["--nprocs", "2"]), "nprocs")
                     print(f"   {a.many} FLAIRs with --nprocs 2: {t_p:.1f} s (serial {t_n:.1f} s)")
         if a.big:
             bids = make_bids(tmp / "bids_big", (512, 512, 300), (0.45, 0.45, 0.6))
             out = tmp / "out_big"
-            t, peak, rc = run(participant(bids, out, "--skull-strip", a.skull_strip), "big")
+            t, peak, rc = run(participant(bids, out, opts), "big")
             size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "logs" not in p.parts)
             print(f"512x512x300: {t:.1f} s, peak {peak:.0f} MB (targets: <= 4 GB reliability issue, <= 2.5 GB speed issue), outputs {size / 1e6:.1f} MB, rc={rc}")
     finally:
