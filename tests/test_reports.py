@@ -391,3 +391,53 @@ def test_report_draws_the_classes_of_the_card_that_made_the_segmentation(tmp_pat
     assert "#ff0000" not in html and "#0000ff" not in html
     default, _ = render(tmp_path, name="sub-01_ses-02.html")
     assert "#ff0000" in default.read_text()
+
+
+def _decode_png(b64: str) -> np.ndarray:
+    import base64
+    import io
+
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(io.BytesIO(base64.b64decode(b64)), format="png")[..., :3]
+
+
+def test_block_reduction_of_mosaic_tiles():
+    from ms3seg_app.reports.individual import _shrink
+
+    a = np.arange(30, dtype=np.float32).reshape(5, 6)
+    np.testing.assert_array_equal(_shrink(a, 1, "mean"), a)
+    m = _shrink(a, 2, "mean")
+    assert m.shape == (3, 3) and m.dtype == np.float32
+    assert m[0, 0] == (0 + 1 + 6 + 7) / 4 and m[2, 2] == (28 + 29 + 28 + 29) / 4  # last row edge-padded
+    lab = np.zeros((4, 4), np.uint8)
+    lab[0, 0], lab[1, 1], lab[3, 2] = 1, 2, 3
+    np.testing.assert_array_equal(_shrink(lab, 2, "max"), [[2, 0], [0, 3]])
+    np.testing.assert_array_equal(_shrink(lab == 1, 2, "any"), [[True, False], [False, False]])
+
+
+@pytest.mark.parametrize("lesion_label", [3, 1])
+def test_shrunk_mosaic_of_a_512_slice_keeps_a_one_voxel_lesion_where_it_is(lesion_label):
+    """A 512x512 slice is drawn from 2x2 blocks (a 208-px tile); a one-voxel lesion still
+    shows, in its colour and place, even beside another class in its block."""
+    from ms3seg_app.reports.individual import _mosaic, class_table
+
+    n = 512
+    base = np.full((n, n, 1), 100.0, np.float32)
+    lab = np.zeros((n, n, 1), np.uint8)
+    other = 2 if lesion_label == 3 else 3  # a lower or a higher label in the same 2x2 block
+    i, j = 100, 300
+    lab[i, j], lab[i + 1, j], lab[i, j + 1] = lesion_label, other, other
+    classes = [{"index": 0, "name": "bg", "abbr": "BG", "color": "#000000"},
+               {"index": lesion_label, "name": "lesion", "abbr": "AWMH", "color": "#ff0000"},
+               {"index": other, "name": "other", "abbr": "NWMH", "color": "#00ff00"}]
+    png = _decode_png(_mosaic([0], base, (0.45, 0.45, 0.6), 0.0, 200.0, labels=lab, classes=classes,
+                              lesion_label=lesion_label))
+    assert png.shape[:2] == (208, 208)  # 2.6 in at 80 dpi, as without shrinking
+    # a one-pixel overlay in a tile drawn 0.8x is blended by the antialiasing (as for a 256x256 slice)
+    red = (png[..., 0] - png[..., 1] > 0.1) & (png[..., 0] - png[..., 2] > 0.1)
+    assert red.any(), "the one-voxel lesion vanished from the shrunk tile"
+    rows, cols = np.nonzero(red)
+    # radiological display: column from the right (i), row from the front (j)
+    want_col, want_row = (n - 1 - i) * 208 / n, (n - 1 - j) * 208 / n
+    assert abs(cols.mean() - want_col) < 3 and abs(rows.mean() - want_row) < 3

@@ -144,10 +144,31 @@ def _rgb(color: str) -> np.ndarray:
     return np.array([int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16)], float) / 255
 
 
+#: Resolution of the report's PNG figures (dots per inch of their ``tile_in``-inch tiles).
+MOSAIC_DPI = 80
+
+
+def _shrink(a: np.ndarray, f: int, how: str) -> np.ndarray:
+    """2D array reduced over ``f`` x ``f`` blocks (edge-padded to a multiple of ``f``):
+    ``"mean"`` (float32), ``"max"`` or ``"any"``.
+
+    Written here rather than taken from scikit-image's ``block_reduce``: a reshape and one
+    reduction, and scikit-image is not a dependency.
+    """
+    if f == 1:
+        return a
+    h, w = a.shape
+    a = np.pad(a, ((0, -h % f), (0, -w % f)), mode="edge")
+    blocks = a.reshape(a.shape[0] // f, f, a.shape[1] // f, f)
+    if how == "mean":
+        return blocks.mean(axis=(1, 3), dtype=np.float32)
+    return blocks.max(axis=(1, 3)) if how == "max" else blocks.any(axis=(1, 3))
+
+
 def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, ncols: int = 4,
             labels: np.ndarray | None = None, alpha: float = 0.45, contour: np.ndarray | None = None,
             edges: np.ndarray | None = None, marks: dict | None = None, tile_in: float = 2.6,
-            classes: list | None = None) -> str:
+            classes: list | None = None, lesion_label: int | None = None) -> str:
     """One PNG (base64) of axial slices ``ks`` of RAS+ arrays, radiological display.
 
     Parameters
@@ -168,6 +189,16 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
         slice index -> list of (i, j, text) RAS+ voxel positions of lesion ids.
     classes : list of dict, optional
         :func:`class_table` (default: the MS3SEG tri-mask).
+    lesion_label : int, optional
+        Label value of the lesion class: where tiles are shrunk (below), a block holding
+        any of it shows it, so a one-voxel lesion stays visible; other blocks show their
+        highest label.
+
+    Tiles wider than twice their displayed width (``tile_in`` x :data:`MOSAIC_DPI` px, e.g.
+    a 512x512 slice in a 208-px tile) are shrunk by the integer factor that keeps them at
+    least that wide (block mean of the grey values, block maximum of the labels and edges,
+    block mean of the contour mask): what the PNG shows is unchanged, and matplotlib's
+    float copies of the mosaic (the report's memory peak for a 512x512x300 scan) are 4x smaller.
     """
     import matplotlib
 
@@ -176,7 +207,12 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
     import matplotlib.pyplot as plt
 
     ni, nj = base.shape[:2]
-    h, w, gap = nj, ni, 2
+    f = max(1, int(max(ni, nj) // (tile_in * MOSAIC_DPI)))  # shrink factor of the tiles
+
+    def disp(sl: np.ndarray, how: str) -> np.ndarray:
+        return _shrink(_disp(sl), f, how)
+
+    h, w, gap = -(-nj // f), -(-ni // f), 2
     ncols = max(1, min(ncols, len(ks)))
     nrows = int(np.ceil(len(ks) / ncols))
     # composited in 8 bits (the PNG's depth): a float64 mosaic of a 512x512 scan's 12 tiles took
@@ -185,19 +221,21 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
     tiled_contour = np.zeros(rgb.shape[:2], np.float32) if contour is not None else None
     for n, k in enumerate(ks):
         r0, c0 = (n // ncols) * (h + gap), (n % ncols) * (w + gap)
-        g = np.clip((_disp(base[:, :, k]).astype(np.float32) - lo) / (hi - lo), 0, 1)
+        g = np.clip((disp(base[:, :, k].astype(np.float32, copy=False), "mean") - lo) / (hi - lo), 0, 1)
         tile = np.repeat(g[..., None], 3, axis=2)
         if labels is not None:
-            lb = _disp(labels[:, :, k])
+            lb = disp(labels[:, :, k], "max")
+            if f > 1 and lesion_label is not None:
+                lb[disp(labels[:, :, k] == lesion_label, "any")] = lesion_label
             for c in class_table() if classes is None else classes:
                 if c["index"]:
                     m = lb == c["index"]
                     tile[m] = (1 - alpha) * tile[m] + alpha * _rgb(c["color"])
         if edges is not None:
-            tile[_disp(edges[:, :, k])] = (1.0, 0.2, 1.0)
+            tile[disp(edges[:, :, k], "any")] = (1.0, 0.2, 1.0)
         rgb[r0:r0 + h, c0:c0 + w] = np.rint(tile * 255)
         if tiled_contour is not None:
-            tiled_contour[r0:r0 + h, c0:c0 + w] = _disp(contour[:, :, k])
+            tiled_contour[r0:r0 + h, c0:c0 + w] = disp(contour[:, :, k].astype(np.float32), "mean")
     aspect = float(zooms[1]) / float(zooms[0])
     width = ncols * tile_in
     height = width * rgb.shape[0] * aspect / rgb.shape[1]
@@ -216,7 +254,7 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
         ax.text(c0 + 2, r0 + 2, f"slice {k}", ha="left", va="top", color="#ffe680", fontsize=8,
                 path_effects=stroke)
         for i, j, text in (marks or {}).get(k, []):
-            x, y = c0 + (ni - 1 - i), r0 + (nj - 1 - j)
+            x, y = c0 + (ni - 1 - i) / f, r0 + (nj - 1 - j) / f
             ax.annotate(text, (x, y), xytext=(9, 9), textcoords="offset points", color="black",
                         fontsize=9, fontweight="bold", ha="left", va="bottom",
                         bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="black", lw=0.6, alpha=0.9),
@@ -224,7 +262,7 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
     ax.set_xlim(-0.5, rgb.shape[1] - 0.5)
     ax.set_ylim(rgb.shape[0] - 0.5, -0.5)
     ax.axis("off")
-    return png_base64(fig, dpi=80)
+    return png_base64(fig, dpi=MOSAIC_DPI)
 
 
 def _edges(img: np.ndarray, mask: np.ndarray, frac: float = 0.06) -> np.ndarray:
@@ -564,7 +602,8 @@ def write_participant_report(path: Path, *, title: str, flair_name: str, flair: 
     columns, rows, centroid_marks = lesion_rows(lesions, can.affine)
     marks = slice_marks(d, lesions, can.affine, awmh_label) or centroid_marks
     figs = {}
-    figs["headline"] = _mosaic(_even(brain, 12), f, zooms, lo, hi, labels=d, marks=marks, classes=table)
+    figs["headline"] = _mosaic(_even(brain, 12), f, zooms, lo, hi, labels=d, marks=marks, classes=table,
+                               lesion_label=awmh_label)
     check_ks = _even(head, 8)
     figs["brainmask"] = _mosaic(check_ks, f, zooms, lo, hi, contour=m, tile_in=2.2)
     figs["coreg"] = []
@@ -576,8 +615,8 @@ def write_participant_report(path: Path, *, title: str, flair_name: str, flair: 
     awmh = [k for k in range(nk) if (d[:, :, k] == awmh_label).any()]
     # every slice with lesions, or (more than 24) those with lesion ids first, then the most lesion voxels
     findings = sorted(awmh, key=lambda k: (-len(centroid_marks.get(k, [])), -int((d[:, :, k] == awmh_label).sum())))[:24]
-    figs["findings"] = (_mosaic(sorted(findings), f, zooms, lo, hi, labels=d, marks=marks, classes=table)
-                        if findings else None)
+    figs["findings"] = (_mosaic(sorted(findings), f, zooms, lo, hi, labels=d, marks=marks, classes=table,
+                                lesion_label=awmh_label) if findings else None)
     t_fig = time.perf_counter() - t0
     viewer = viewer_data(f, d, can.affine, lo, hi)
     html = env().get_template("participant.html.j2").render(
