@@ -213,7 +213,7 @@ def test_slices_without_brain_are_not_run_and_change_nothing_inside_the_mask(tmp
     mask[15:45, 15:55, 4:8] = True
     calls = []
     forward = pred.predict_slices
-    pred.predict_slices = lambda x, run=None: calls.append(run) or forward(x, run)
+    pred.predict_slices = lambda x, run=None, **kw: calls.append(run) or forward(x, run, **kw)
     with_mask = pred.predict_image(img, mask)
     assert calls[0].tolist() == [False] * 4 + [True] * 4 + [False] * 4
     full = pred.predict_image(img)
@@ -221,6 +221,8 @@ def test_slices_without_brain_are_not_run_and_change_nothing_inside_the_mask(tmp
     np.testing.assert_allclose(with_mask.probabilities[mask].astype(float), full.probabilities[mask].astype(float),
                                atol=2e-3)
     assert (with_mask.probabilities[~mask][:, 0] == 1).all() and (with_mask.dseg[~mask] == 0).all()
+    # the tri-mask made inside the brain's box only is the whole volume's
+    np.testing.assert_array_equal(with_mask.dseg, pred.postprocess(with_mask.probabilities, (1.0, 1.0, 5.0)))
 
 
 def test_predictor_reads_current_weights_of_a_network_still_training(tmp_path):

@@ -158,7 +158,8 @@ class Predictor:
         """Slices per forward pass: :data:`BATCH_PIXELS` in-plane pixels, at least 1."""
         return max(1, min(self.batch_size, BATCH_PIXELS // (h * w)))
 
-    def predict_slices(self, x: np.ndarray, run: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def predict_slices(self, x: np.ndarray, run: np.ndarray | None = None,
+                       dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """Predict preprocessed slices with every member.
 
         Slices holding no head (:data:`EMPTY_SLICE_MAX`) are not run; the rest are cropped
@@ -172,20 +173,23 @@ class Predictor:
             Slices to predict (e.g. those holding brain); the others are background. The
             in-plane crop is still that of every slice holding head, so the slices run give
             the same probabilities as without ``run``.
+        dtype : numpy dtype, default float32
+            Of the returned arrays (computed in float32; :data:`PROB_DTYPE` halves the
+            memory of a large scan's slices).
 
         Returns
         -------
-        (mean, spread) : ndarray (Z, H, W, C) float32 softmax mean over members, and
-        ndarray (Z, H, W) float32 standard deviation over members of the
-        abnormal-WMH probability.
+        (mean, spread) : ndarray (Z, H, W, C) softmax mean over members, and
+        ndarray (Z, H, W) standard deviation over members of the abnormal-WMH
+        probability, both of ``dtype``.
         """
         inp = x[..., None] if x.ndim == 3 else x
         inp = inp.astype(np.float32, copy=False)
         nz, h, w = inp.shape[:3]
         nc = self.card.n_classes
-        mean = np.zeros((nz, h, w, nc), np.float32)
+        mean = np.zeros((nz, h, w, nc), dtype)
         mean[..., 0] = 1.0
-        spread = np.zeros((nz, h, w), np.float32)
+        spread = np.zeros((nz, h, w), dtype)
         inmax = inp.max(axis=(1, 2, 3))
         keep = np.nonzero(inmax > EMPTY_SLICE_MAX)[0]
         if keep.size == 0:
@@ -230,7 +234,9 @@ class Predictor:
         t1 = time.perf_counter()
         # slices without brain are not run: outside the mask every voxel is background
         run = geom.slices_holding(mask) if mask is not None else None
-        p, spread = self.predict_slices(x, run)
+        # slices kept in PROB_DTYPE, and the input slices freed, before the input-grid volumes exist
+        p, spread = self.predict_slices(x, run, dtype=PROB_DTYPE)
+        del x
         t2 = time.perf_counter()
         n = p.shape[-1]
         # linear interpolation of per-slice softmax maps (and of the background cval 1, 0, ...)
@@ -249,7 +255,18 @@ class Predictor:
             np.copyto(probs[..., 0], 1.0, where=~inside)
             unc *= inside
         t3 = time.perf_counter()
-        dseg = self.postprocess(probs, tuple(float(z) for z in img.header.get_zooms()[:3]))
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        if mask is None:
+            dseg = self.postprocess(probs, spacing)
+        else:
+            # outside the brain every voxel is background with probability 1: the tri-mask
+            # (argmax, components, distances) is made inside the brain's box only
+            from ..distance import bounding_box
+
+            dseg = np.zeros(probs.shape[:-1], np.uint8)
+            box = bounding_box(mask)
+            if box is not None:
+                dseg[box] = self.postprocess(probs[box], spacing)
         timings = {"slicing": t1 - t0, "network": t2 - t1, "inverse_resampling": t3 - t2,
                    "postprocessing": time.perf_counter() - t3}
         return Prediction(probs, dseg, unc, timings)

@@ -39,6 +39,8 @@ warnings.filterwarnings("ignore", message="The behavior of affine_transform with
 from ..exceptions import InputDataError
 
 RAS_ORNT = nib.orientations.axcodes2ornt(("R", "A", "S"))
+#: Model slices interpolated per call in :meth:`SliceGeometry.inverse` (bounds its working memory).
+INVERSE_CHUNK_SLICES = 16
 
 
 def head_threshold(data: np.ndarray) -> float:
@@ -311,29 +313,33 @@ class SliceGeometry:
 
             box = bounding_box(self.to_ras(np.asarray(within, bool)))
             box = box or tuple(slice(0, 0) for _ in self.ras_shape)
-        start = np.array([b.start for b in box], float)
-        # output voxel o of the box is voxel o + start of the grid: shift the offset
-        offset = np.array([inv_offset[0], inv_offset[1], 0.0]) + matrix * start
-        stored_box = _box_in_stored_order(self.ornt, self.in_shape, box)
-        # one channel at a time, interpolated into a box-sized array and written straight into
-        # the stored-order output: peak memory is the output plus one channel of the box (the
-        # brain's box is about a quarter of a head scan's field of view)
+        # output voxel o of the box is voxel o + start of the grid: shift the in-plane offset
+        offset = np.array([inv_offset[0] + inv_scale[0] * box[0].start, inv_offset[1] + inv_scale[1] * box[1].start,
+                           0.0])
+        # one channel and INVERSE_CHUNK_SLICES slices at a time, interpolated and written straight
+        # into the stored-order output: beyond the output, memory holds one chunk (float32), not a
+        # box-sized channel and its float32 copy (0.25 GB for a 512x512x300 scan). Exact: the
+        # slice axis maps to itself (matrix entry 1, integer coordinates), so slice z of the
+        # output reads model slice z only.
         out = np.empty(tuple(self.in_shape) + (nc,), dtype=dtype)
         vol = np.moveaxis(slices, 0, 2)  # (size, size, Z, C)
         for c in range(nc):
             out[..., c] = cvals[c]
-            ras = ndimage.affine_transform(
-                vol[..., c].astype(np.float32, copy=False),
-                matrix,
-                offset=offset,
-                output_shape=tuple(b.stop - b.start for b in box),
-                output=np.float32,
-                order=order,
-                mode="constant",
-                cval=float(cvals[c]),
-            )
-            out[stored_box + (c,)] = self.from_ras(ras)
-            del ras
+            for z0 in range(box[2].start, box[2].stop, INVERSE_CHUNK_SLICES):
+                z1 = min(z0 + INVERSE_CHUNK_SLICES, box[2].stop)
+                ras = ndimage.affine_transform(
+                    vol[:, :, z0:z1, c].astype(np.float32),
+                    matrix,
+                    offset=offset,
+                    output_shape=(box[0].stop - box[0].start, box[1].stop - box[1].start, z1 - z0),
+                    output=np.float32,
+                    order=order,
+                    mode="constant",
+                    cval=float(cvals[c]),
+                )
+                chunk = (box[0], box[1], slice(z0, z1))
+                out[_box_in_stored_order(self.ornt, self.in_shape, chunk) + (c,)] = self.from_ras(ras)
+                del ras
         return out[..., 0] if squeeze else out
 
 
