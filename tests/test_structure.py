@@ -245,6 +245,63 @@ def test_predictor_reads_current_weights_of_a_network_still_training(tmp_path):
     assert keras.backend.backend() != "tensorflow" or len(pred._graphs) == 1
 
 
+def test_subpixel_kernel_equals_convolution_of_the_upsampled_input():
+    import tensorflow as tf
+
+    from ms3seg_app.model.unet import subpixel_kernel
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 5, 7, 3)).astype(np.float32)
+    k = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    want = tf.nn.conv2d(tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2), k, 1, "SAME")
+    got = tf.nn.depth_to_space(tf.nn.conv2d(x, subpixel_kernel(k), 1, "SAME"), 2)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def _random_statistics(model, rng, use_bias):
+    import keras
+
+    for layer in model.layers:  # batch-norm statistics and affine parameters away from 0/1
+        if isinstance(layer, keras.layers.BatchNormalization):
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 2, g.shape), rng.normal(0, 0.5, b.shape),
+                               rng.normal(0, 0.5, m.shape), rng.uniform(0.2, 3, v.shape)])
+        elif use_bias and isinstance(layer, keras.layers.Conv2D):
+            k, bias = layer.get_weights()
+            layer.set_weights([k, rng.normal(0, 0.3, bias.shape)])
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_inference_graph_of_the_unet_computes_the_network(use_bias):
+    """The traced inference graph (batch norms and up-sampling folded into convolutions)
+    gives the Keras network's softmax, with and without flip TTA; an architecture that only
+    looks like build_unet's (another activation) is run by Keras as is."""
+    import keras
+    import tensorflow as tf
+
+    from ms3seg_app.model.predict import _stateless_graph, _unet_plan, fold_batch_norm
+    from ms3seg_app.model.unet import build_unet
+
+    keras.utils.set_random_seed(6)
+    model = build_unet((None, None, 1), base_filters=4, use_bias=use_bias)
+    rng = np.random.default_rng(6)
+    _random_statistics(model, rng, use_bias)
+    assert _unet_plan(fold_batch_norm(model)[0]) is not None
+    x = rng.random((3, 48, 80, 1)).astype(np.float32)
+    spec = tf.TensorSpec([None, None, None, 1], tf.float32)
+    tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+    want = np.asarray(model(x, training=False))  # sums in another order: float32 rounding up to ~1e-5
+    np.testing.assert_allclose(np.asarray(_stateless_graph(model, spec, False)(tv, ntv, x)), want, atol=5e-5)
+    flipped = np.asarray(model(x[:, ::-1], training=False))[:, ::-1]
+    np.testing.assert_allclose(np.asarray(_stateless_graph(model, spec, True)(tv, ntv, x)), 0.5 * (want + flipped),
+                               atol=5e-5)
+
+    model.get_layer("dec1_relu1").activation = keras.activations.get("tanh")  # same names, another function
+    assert _unet_plan(fold_batch_norm(model)[0]) is None  # caught by the numerical check
+    np.testing.assert_allclose(np.asarray(_stateless_graph(model, spec, False)(tv, ntv, x)),
+                               np.asarray(model(x, training=False)), atol=5e-5)
+
+
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_batch_norms_folded_into_convolutions_compute_the_same_network(use_bias):
     """fold_batch_norm: same outputs as the network (ours: no conv bias; MS3SEG's .h5: bias)."""

@@ -409,25 +409,90 @@ def fold_batch_norm(model):
 
 def _stateless_graph(model, x_spec, tta: bool):
     """``tf.function(weights, non-trainable weights, x) -> softmax`` of ``model``'s architecture,
-    batch norms folded into the convolutions before them (:func:`fold_batch_norm`)."""
+    batch norms folded into the convolutions before them (:func:`fold_batch_norm`); for
+    :func:`~ms3seg_app.model.unet.build_unet`'s architecture the decoder's up-sampling is
+    folded into its convolutions too (:func:`_unet_plan`)."""
     import tensorflow as tf
     from keras import ops
 
     plan = fold_batch_norm(model)
     net = plan[0] if plan else model
+    unet = _unet_plan(net) if plan else None
 
     def forward(tv, ntv, x):
         if plan:
             tv, ntv = plan[1](tv, ntv)
-        p, _ = net.stateless_call(tv, ntv, x, training=False)
+        if unet is not None:
+            from .unet import inference_forward
+
+            depth, where = unet
+            w = {name: tuple(tv[i] if kind == "t" else ntv[i] for kind, i in locs) for name, locs in where.items()}
+
+            def run(t):
+                return inference_forward(w, t, depth)
+        else:
+            def run(t):
+                return net.stateless_call(tv, ntv, t, training=False)[0]
+        p = run(x)
         if tta:
-            pf, _ = net.stateless_call(tv, ntv, ops.flip(x, axis=1), training=False)
-            p = 0.5 * (p + ops.flip(pf, axis=1))
+            p = 0.5 * (p + ops.flip(run(ops.flip(x, axis=1)), axis=1))
         return p
 
     spec = ([tf.TensorSpec(v.shape, v.dtype) for v in model.trainable_variables],
             [tf.TensorSpec(v.shape, v.dtype) for v in model.non_trainable_variables], x_spec)
     return tf.function(forward, input_signature=spec)
+
+
+def _unet_plan(folded):
+    """``(depth, where)`` when a folded network is :func:`~ms3seg_app.model.unet.build_unet`'s
+    architecture, else None: ``where[name]`` locates each convolution's kernel and bias in
+    the folded network's (trainable, non-trainable) variable lists, as ``("t"|"n", index)``.
+
+    Checked by layer names and types, then numerically: on a random probe (32x48 for depth 4) the
+    :func:`~ms3seg_app.model.unet.inference_forward` of the folded weights must match the
+    folded network within 1e-4, else (a changed architecture) None and Keras runs it as is.
+    """
+    from keras import layers
+
+    from .unet import decoder_names, inference_forward
+
+    by_name = {layer.name: layer for layer in folded.layers}
+    depth = sum(1 for n in by_name if n.startswith("pool"))
+    names = decoder_names(depth)
+    kinds = {"conv": layers.Conv2D, "pool": layers.MaxPooling2D, "up": layers.UpSampling2D,
+             "concat": layers.Concatenate, "trimask": layers.Conv2D}
+    try:
+        for n in names:
+            layer = by_name[n]
+            kind = next(k for k in kinds if (k == "conv" and "_conv" in n) or n.startswith(k))
+            if not isinstance(layer, kinds[kind]):
+                return None
+            if kind == "conv" and (tuple(layer.kernel_size) != (3, 3) or layer.padding != "same"
+                                   or tuple(layer.strides) != (1, 1) or not layer.use_bias):
+                return None
+            if kind == "up" and (tuple(layer.size) != (2, 2) or layer.interpolation != "nearest"):
+                return None
+            if kind == "pool" and (tuple(layer.pool_size) != (2, 2) or tuple(layer.strides) != (2, 2)):
+                return None
+        out = by_name["trimask"]
+        if tuple(out.kernel_size) != (1, 1) or not out.use_bias or out.activation.__name__ != "softmax":
+            return None
+    except (KeyError, StopIteration, AttributeError):
+        return None
+    loc = {id(v): ("t", i) for i, v in enumerate(folded.trainable_variables)}
+    loc.update({id(v): ("n", i) for i, v in enumerate(folded.non_trainable_variables)})
+    where = {n: (loc[id(by_name[n].kernel)], loc[id(by_name[n].bias)]) for n in names if "conv" in n or n == "trimask"}
+    # numerical check on a probe (the folded network's own weights stand in for any weights)
+    x = np.random.default_rng(0).random((1, 2 * 2 ** depth, 3 * 2 ** depth, folded.inputs[0].shape[-1]))
+    x = x.astype(np.float32)
+    tv = [v.value for v in folded.trainable_variables]
+    ntv = [v.value for v in folded.non_trainable_variables]
+    w = {n: tuple(tv[i] if kind == "t" else ntv[i] for kind, i in locs) for n, locs in where.items()}
+    want = np.asarray(folded.stateless_call(tv, ntv, x, training=False)[0])
+    if not np.allclose(np.asarray(inference_forward(w, x, depth)), want, atol=1e-4):
+        LOGGER.warning("network %s looks like build_unet's but computes otherwise; run as is", folded.name)
+        return None
+    return depth, where
 
 
 def argmax_uint8(probs: np.ndarray) -> np.ndarray:
