@@ -94,15 +94,20 @@ def test_normalize_scale_invariant_and_constant_rejected():
     assert m.min() == 0 and m.max() == 1
 
 
-@pytest.mark.parametrize("storage", ["axial", "flipped", "sagittal"])
-def test_inverse_within_a_mask_equals_the_whole_grid_inside_its_box(storage):
-    """Interpolating only the mask's bounding box gives the same values there, cval elsewhere."""
-    lab = phantom_labels()
-    img = _img(lab, zooms=(0.5, 0.5, 1.0))
+def _stored_phantom(storage: str) -> nib.Nifti1Image:
+    """The label phantom at 0.5x0.5x1 mm, stored axial, with i and j flipped, or sagittal."""
+    img = _img(phantom_labels(), zooms=(0.5, 0.5, 1.0))
     if storage == "flipped":
         img = img.as_reoriented(np.array([[0, -1], [1, -1], [2, 1]], float))
     elif storage == "sagittal":
         img = img.as_reoriented(np.array([[2, 1], [0, 1], [1, 1]], float))
+    return img
+
+
+@pytest.mark.parametrize("storage", ["axial", "flipped", "sagittal"])
+def test_inverse_within_a_mask_equals_the_whole_grid_inside_its_box(storage):
+    """Interpolating only the mask's bounding box gives the same values there, cval elsewhere."""
+    img = _stored_phantom(storage)
     stored = np.asarray(img.dataobj)
     geom = SliceGeometry.from_image(img, 1.0, 128, centre_on=stored > 0)
     onehot = np.eye(4, dtype=np.float32)[geom.forward(stored, order=0)]
@@ -122,12 +127,7 @@ def test_inverse_in_slice_chunks_equals_one_call(storage, monkeypatch):
     axis maps to itself), whatever the storage order and with or without a box."""
     import ms3seg_app.preprocessing.geometry as g
 
-    lab = phantom_labels()
-    img = _img(lab, zooms=(0.5, 0.5, 1.0))
-    if storage == "flipped":
-        img = img.as_reoriented(np.array([[0, -1], [1, -1], [2, 1]], float))
-    elif storage == "sagittal":
-        img = img.as_reoriented(np.array([[2, 1], [0, 1], [1, 1]], float))
+    img = _stored_phantom(storage)
     stored = np.asarray(img.dataobj)
     geom = SliceGeometry.from_image(img, 1.0, 128, centre_on=stored > 0)
     probs = np.random.default_rng(3).dirichlet(np.ones(4), geom.forward(stored, order=0).shape).astype(np.float32)

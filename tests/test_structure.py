@@ -313,14 +313,7 @@ def test_batch_norms_folded_into_convolutions_compute_the_same_network(use_bias)
     keras.utils.set_random_seed(5)
     model = build_unet((None, None, 1), base_filters=4, use_bias=use_bias)
     rng = np.random.default_rng(5)
-    for layer in model.layers:  # batch-norm statistics and affine parameters away from 0/1
-        if isinstance(layer, keras.layers.BatchNormalization):
-            g, b, m, v = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 2, g.shape), rng.normal(0, 0.5, b.shape),
-                               rng.normal(0, 0.5, m.shape), rng.uniform(0.2, 3, v.shape)])
-        elif use_bias and isinstance(layer, keras.layers.Conv2D):
-            k, bias = layer.get_weights()
-            layer.set_weights([k, rng.normal(0, 0.3, bias.shape)])
+    _random_statistics(model, rng, use_bias)
     folded, weights = fold_batch_norm(model)
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
     x = rng.random((2, 32, 48, 1)).astype(np.float32)
