@@ -103,7 +103,7 @@ WRAP = ("import re, runpy, sys\nsys.argv = sys.argv[1:]\ncode = 0\ntry:\n"
 
 
 def run(argv, label: str) -> tuple[float, float, int]:
-    """Run a child process; return (seconds, its own peak RSS in MB, rc)."""
+    """Run a child process; return (seconds, its own peak RSS in MiB, rc)."""
     t0 = time.perf_counter()
     r = subprocess.run(argv, env=ENV, capture_output=True, text=True)
     dt = time.perf_counter() - t0
@@ -159,7 +159,7 @@ def main() -> None:
             for r in range(a.repeat):
                 seed_s = min(seed_s, run([sys.executable, "-c", "import json\n" + SEED, str(flair)], "seed")[0])
                 t, pk, rc_r = run(participant(bids, tmp / f"out_{name}_{r}", opts), "ours")
-                if rc_r == 0 and t < ours[0] or ours[3] is None:
+                if ours[3] is None or (rc_r == 0 and (ours[2] != 0 or t < ours[0])):
                     ours = (t, pk, rc_r, tmp / f"out_{name}_{r}")
             ours, peak, rc, out = ours
             st = logged_seconds(out) if rc == 0 else {}

@@ -392,8 +392,8 @@ def deepbet_mask(img: nib.Nifti1Image, threshold: float = 0.5) -> np.ndarray:
         )
     crop = _resize_nearest_exact(x[bbox], SHAPE)
     # probabilities only where the nearest-exact resampling back into the box reads them
-    back = [_nearest_exact_index(n, m) for n, m in zip(SHAPE, x[bbox].shape)]
-    prob_box = _predict("model", _normalize(crop, low, high), back)
+    into_box = [_nearest_exact_index(n, m) for n, m in zip(SHAPE, x[bbox].shape)]
+    prob_box = _predict("model", _normalize(crop, low, high), into_box)
 
     mask = np.zeros(x.shape, bool)
     inner = _largest_component(prob_box > threshold)

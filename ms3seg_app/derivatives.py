@@ -253,6 +253,27 @@ def _write_if_changed(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+#: The dataset's class table (BIDS lookup table of the dseg label values), at the top level.
+CLASS_TABLE = "desc-trimask_dseg.tsv"
+
+
+def read_class_table(output_dir: Path) -> tuple:
+    """The class table a participant run wrote (:data:`CLASS_TABLE`), as ClassInfo.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``output_dir`` holds no class table (no participant run has written there).
+    """
+    import pandas as pd
+
+    from .model.card import ClassInfo
+
+    path = Path(output_dir) / CLASS_TABLE
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    return tuple(ClassInfo(int(r["index"]), r["name"], r["abbreviation"], r["color"]) for _, r in df.iterrows())
+
+
 def write_top_level(output_dir: Path, classes, bids_dir: Path | None = None, container: dict | None = None) -> None:
     """``dataset_description.json``, ``desc-trimask_dseg.tsv`` and ``.bidsignore``.
 
@@ -285,7 +306,7 @@ def write_top_level(output_dir: Path, classes, bids_dir: Path | None = None, con
     _write_if_changed(output_dir / "dataset_description.json", json.dumps(desc, indent=2, sort_keys=True) + "\n")
     lines = ["index\tname\tabbreviation\tcolor"]
     lines += [f"{c.index}\t{c.name}\t{c.abbreviation}\t{c.color}" for c in classes]
-    _write_if_changed(output_dir / "desc-trimask_dseg.tsv", "\n".join(lines) + "\n")
+    _write_if_changed(output_dir / CLASS_TABLE, "\n".join(lines) + "\n")
     _write_if_changed(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
     _write_if_changed(output_dir / "README", README_TEXT)
 

@@ -147,12 +147,15 @@ def volume_table(dseg: np.ndarray, affine: np.ndarray, lesions: pd.DataFrame,
     periventricular, juxtacortical and deep lesions (share of lesion volume).
     """
     ml = voxel_volume_mm3(affine) / 1000.0
-    idx = {a: (card.class_index(a) if card is not None else i) for a, i in (("VEN", 1), ("NWMH", 2), ("AWMH", 3))}
+    from .model.card import LESION_CLASS
+
+    idx = {a: (card.class_index(a) if card is not None else i)
+           for a, i in (("VEN", 1), ("NWMH", 2), (LESION_CLASS, 3))}
     counts = label_counts(dseg, max(idx.values()) + 1)  # no int64 copy of the volume
     out = {
         "ventricles_ml": float(counts[idx["VEN"]] * ml),
         "normal_wmh_ml": float(counts[idx["NWMH"]] * ml),
-        "abnormal_wmh_ml": float(counts[idx["AWMH"]] * ml),
+        "abnormal_wmh_ml": float(counts[idx[LESION_CLASS]] * ml),
         "lesion_count": int(len(lesions)),
         "icv_ml": float(np.asarray(brain_mask, bool).sum() * ml) if brain_mask is not None else float("nan"),
     }

@@ -103,6 +103,15 @@ def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path) -> 
     """
     import nibabel as nib
 
+    from .derivatives import CLASS_TABLE, read_class_table
+    from .exceptions import ModelError
+    from .model.card import LESION_CLASS, class_index
+
+    try:  # the lesion label of these outputs, from the class table their run wrote
+        lesion, why = class_index(read_class_table(output_dir), LESION_CLASS, str(Path(output_dir) / CLASS_TABLE)), ""
+    except (OSError, ModelError, KeyError, ValueError) as exc:
+        lesion, why = None, f"no lesion label ({exc})"
+
     rows = []
     ses = df[df["session_id"] != "n/a"].sort_values(["participant_id", "session_id", "acq", "run"])
     for sub, g in ses.groupby("participant_id"):
@@ -114,9 +123,11 @@ def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path) -> 
             fa, da = _paths(a, bids_dir, output_dir)
             fb, db = _paths(b, bids_dir, output_dir)
             try:
-                later = register_labels(fa, fb, db) == 3
+                if lesion is None:
+                    raise ModelError(why)
+                later = register_labels(fa, fb, db) == lesion
                 ea = nib.load(str(da))
-                earlier = np.asanyarray(ea.dataobj) == 3
+                earlier = np.asanyarray(ea.dataobj) == lesion
                 row.update(lesion_changes(earlier, later, float(abs(np.linalg.det(ea.affine[:3, :3])))))
                 row["registration"] = "antspy-rigid"
             except Exception as exc:  # missing image or failed registration: keep the volume changes

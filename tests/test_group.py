@@ -129,12 +129,26 @@ def _phantom(shift=(0, 0), new_lesion=False):
     return img, lab
 
 
-def test_longitudinal_registration_finds_the_new_lesion(tmp_path):
+@pytest.mark.parametrize("lesion_label", [3, 1, None])
+def test_longitudinal_registration_finds_the_new_lesion(tmp_path, lesion_label):
+    """Lesion changes use the lesion label of the run's class table (desc-trimask_dseg.tsv):
+    MS3SEG's 3, or 1 for a card that numbers the classes otherwise; without a table the
+    volume changes are kept and the lesion changes say why they are missing."""
+    from ms3seg_app.derivatives import write_top_level
+    from ms3seg_app.model.card import ClassInfo
+
     aff = np.diag([1.0, 1.0, 3.0, 1.0])
     bids, out = tmp_path / "bids", tmp_path / "out"
+    if lesion_label is not None:
+        names = {0: ("background", "BG"), 1: ("ventricles", "VEN"), 2: ("normal WMH", "NWMH"), 3: ("abnormal WMH", "AWMH")}
+        if lesion_label == 1:
+            names[1], names[3] = names[3], names[1]
+        write_top_level(out, [ClassInfo(i, n, a, "#000000") for i, (n, a) in names.items()])
     rows = []
     for ses, shift, new in (("ses-1", (0, 0), False), ("ses-2", (3, -2), True)):
         img, lab = _phantom(shift, new)
+        if lesion_label == 1:  # the same anatomy, lesions labelled 1 and ventricles 3
+            lab = np.choose(lab, [0, 3, 2, 1]).astype(np.uint8)
         d_b, d_o = bids / "sub-x" / ses / "anat", out / "sub-x" / ses / "anat"
         d_b.mkdir(parents=True)
         d_o.mkdir(parents=True)
@@ -142,11 +156,14 @@ def test_longitudinal_registration_finds_the_new_lesion(tmp_path):
         nib.save(nib.Nifti1Image(lab, aff), str(d_o / f"sub-x_{ses}_space-orig_desc-trimask_dseg.nii.gz"))
         rows.append({"participant_id": "sub-x", "session_id": ses, "acq": "n/a", "run": "n/a",
                      "flair": f"sub-x_{ses}_FLAIR.nii.gz", "prefix": f"sub-x_{ses}",
-                     "abnormal_wmh_ml": float((lab == 3).sum() * 3 / 1000), "normal_wmh_ml": 0.0,
-                     "ventricles_ml": float((lab == 1).sum() * 3 / 1000)})
+                     "abnormal_wmh_ml": float((lab == (lesion_label or 3)).sum() * 3 / 1000), "normal_wmh_ml": 0.0,
+                     "ventricles_ml": float((lab == (4 - (lesion_label or 3))).sum() * 3 / 1000)})
     long = longitudinal_changes(pd.DataFrame(rows), bids, out)
     assert len(long) == 1
     r = long.iloc[0]
+    assert r["delta_abnormal_wmh_ml"] > 0 and abs(r["delta_ventricles_ml"]) < 1e-9
+    if lesion_label is None:
+        assert "no lesion label" in r["registration"] and np.isnan(r["n_new_lesions"])
+        return
     assert r["registration"] == "antspy-rigid"
     assert (r["n_new_lesions"], r["n_enlarging_lesions"]) == (1, 0)
-    assert r["delta_abnormal_wmh_ml"] > 0 and abs(r["delta_ventricles_ml"]) < 1e-9

@@ -73,6 +73,8 @@ def test_lesion_class_has_one_definition_for_inference_and_report():
     plain = ModelCard.from_dict({**base, "classes": [{"index": i} for i in range(4)]})
     with pytest.raises(ModelError, match="no class 'AWMH'"):
         Predictor(plain, [object()]).uncertainty_class
+    with pytest.raises(ModelError, match="no class 'AWMH'"):  # an ensemble's spread needs it: refused at once
+        Predictor(plain, [object(), object()])
     with pytest.raises(ModelError, match="report.*no class 'AWMH'"):
         class_index(plain.classes, "AWMH", "the report's class table")
     assert class_index(_class_infos(None), "AWMH") == 3  # the MS3SEG tri-mask by default
@@ -186,3 +188,21 @@ def test_inference_model_is_saved_without_optimizer_state(tmp_path):
     assert path.stat().st_size < 0.5 * (tmp_path / "full.keras").stat().st_size
     loaded = keras.models.load_model(path, compile=False, safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_single_network_without_a_lesion_class_still_predicts(tmp_path):
+    """A card whose classes carry no abbreviations (MS3SEG's published .h5 card) predicts
+    with one network: its spread is 0 and does not ask which class is the lesion."""
+    from ms3seg_app.model.card import ModelCard
+    from ms3seg_app.model.predict import Predictor
+    from ms3seg_app.model.unet import build_unet
+
+    card = ModelCard.from_dict({"name": "plain", "architecture": {"type": "unet2d"},
+                                "input": {"shape": [None, None, None, 1]},
+                                "preprocessing": {"normalization": {"method": "minmax"}},
+                                "classes": [{"index": i} for i in range(4)]})
+    pred = Predictor(card, [build_unet((None, None, 1), base_filters=4)], tta=False)
+    x = np.zeros((3, 32, 32), np.float32)
+    x[:, 8:24, 8:24] = 1.0
+    mean, spread = pred.predict_slices(x)
+    assert mean.shape == (3, 32, 32, 4) and not spread.any()

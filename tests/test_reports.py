@@ -441,3 +441,14 @@ def test_shrunk_mosaic_of_a_512_slice_keeps_a_one_voxel_lesion_where_it_is(lesio
     # radiological display: column from the right (i), row from the front (j)
     want_col, want_row = (n - 1 - i) * 208 / n, (n - 1 - j) * 208 / n
     assert abs(cols.mean() - want_col) < 3 and abs(rows.mean() - want_row) < 3
+
+
+def test_tiles_are_not_shrunk_below_their_displayed_width_or_height():
+    """One voxel per displayed pixel at least, along both axes of a 2.6-inch (208-px) tile."""
+    from ms3seg_app.reports.individual import _shrink_factor
+
+    assert _shrink_factor(512, 1.0, 2.6) == 2   # 512 columns over 208 px
+    assert _shrink_factor(352, 1.0, 2.6) == 1   # 352 over 208: halving would leave 176
+    assert _shrink_factor(256, 1.0, 2.6) == 1   # clinical slices: never shrunk
+    assert _shrink_factor(512, 2.0, 2.6) == 1   # rows twice as tall as wide: 512 rows over 416 px
+    assert _shrink_factor(1024, 1.0, 2.2) == 5  # 1024 over 176 px

@@ -272,7 +272,7 @@ def _random_statistics(model, rng, use_bias):
 
 
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_inference_graph_of_the_unet_computes_the_network(use_bias):
+def test_inference_graph_of_the_unet_computes_the_network(use_bias, monkeypatch):
     """The traced inference graph (batch norms and up-sampling folded into convolutions)
     gives the Keras network's softmax, with and without flip TTA; an architecture that only
     looks like build_unet's (another activation) is run by Keras as is."""
@@ -287,6 +287,12 @@ def test_inference_graph_of_the_unet_computes_the_network(use_bias):
     rng = np.random.default_rng(6)
     _random_statistics(model, rng, use_bias)
     assert _unet_plan(fold_batch_norm(model)[0]) is not None
+    import ms3seg_app.model.unet as unet
+
+    traced = []  # True for a call in a traced graph (the plan's probe passes NumPy arrays)
+    real = unet.inference_forward
+    monkeypatch.setattr(unet, "inference_forward",
+                        lambda w, t, *a: traced.append(not isinstance(t, np.ndarray)) or real(w, t, *a))
     x = rng.random((3, 48, 80, 1)).astype(np.float32)
     spec = tf.TensorSpec([None, None, None, 1], tf.float32)
     tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
@@ -295,6 +301,7 @@ def test_inference_graph_of_the_unet_computes_the_network(use_bias):
     flipped = np.asarray(model(x[:, ::-1], training=False))[:, ::-1]
     np.testing.assert_allclose(np.asarray(_stateless_graph(model, spec, True)(tv, ntv, x)), 0.5 * (want + flipped),
                                atol=5e-5)
+    assert any(traced), "the folded U-Net graph was not used"
 
     model.get_layer("dec1_relu1").activation = keras.activations.get("tanh")  # same names, another function
     assert _unet_plan(fold_batch_norm(model)[0]) is None  # caught by the numerical check

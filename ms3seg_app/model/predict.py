@@ -80,11 +80,14 @@ class Predictor:
         self.tta, self.batch_size = tta, batch_size
         self._fns = None
         self._graphs: dict = {}  # architecture key -> traced graph
+        if len(self.models) > 1:
+            self.uncertainty_class  # an ensemble needs the lesion class for its spread: refuse early
 
     @property
     def uncertainty_class(self) -> int:
         """Label value whose probability spread over members is the uncertainty map (the
-        card's lesion class; ModelError if the card has none)."""
+        card's lesion class; ModelError if the card has none; a single network's spread is 0
+        and does not ask for it)."""
         return self.card.lesion_class
 
     @classmethod
@@ -203,16 +206,18 @@ class Predictor:
             if keep.size == 0:
                 return mean, spread
         fns, bs = self._member_fns(), self._batches(r1 - r0, c1 - c0)
-        uc, n = self.uncertainty_class, len(fns)
+        n = len(fns)
+        uc = self.uncertainty_class if n > 1 else None
         # batch by batch straight into the outputs: no cropped copy of the stack or of its results
         for i in range(0, keep.size, bs):
             ks = keep[i:i + bs]
             outs = [np.asarray(f(inp[ks, r0:r1, c0:c1]), np.float32) for f in fns]
             mean[ks, r0:r1, c0:c1] = sum(outs[1:], outs[0]) / n
-            # spread from the deviations to member 0: exactly 0 when the members agree
-            d = [o[..., uc] - outs[0][..., uc] for o in outs]
-            md, msq = sum(d) / n, sum(di * di for di in d) / n
-            spread[ks, r0:r1, c0:c1] = np.sqrt(np.maximum(msq - md * md, 0.0))
+            if uc is not None:
+                # spread from the deviations to member 0: exactly 0 when the members agree
+                d = [o[..., uc] - outs[0][..., uc] for o in outs]
+                md, msq = sum(d) / n, sum(di * di for di in d) / n
+                spread[ks, r0:r1, c0:c1] = np.sqrt(np.maximum(msq - md * md, 0.0))
         return mean, spread
 
     def predict_image(self, img: nib.spatialimages.SpatialImage, mask: np.ndarray | None = None) -> Prediction:
@@ -454,11 +459,11 @@ def _unet_plan(folded):
     """
     from keras import layers
 
-    from .unet import decoder_names, inference_forward
+    from .unet import inference_forward, layer_names
 
     by_name = {layer.name: layer for layer in folded.layers}
     depth = sum(1 for n in by_name if n.startswith("pool"))
-    names = decoder_names(depth)
+    names = layer_names(depth)
     kinds = {"conv": layers.Conv2D, "pool": layers.MaxPooling2D, "up": layers.UpSampling2D,
              "concat": layers.Concatenate, "trimask": layers.Conv2D}
     try:
@@ -481,7 +486,11 @@ def _unet_plan(folded):
         return None
     loc = {id(v): ("t", i) for i, v in enumerate(folded.trainable_variables)}
     loc.update({id(v): ("n", i) for i, v in enumerate(folded.non_trainable_variables)})
-    where = {n: (loc[id(by_name[n].kernel)], loc[id(by_name[n].bias)]) for n in names if "conv" in n or n == "trimask"}
+    try:  # a kernel computed rather than held (e.g. quantised or LoRA layers): not this plan
+        where = {n: (loc[id(by_name[n].kernel)], loc[id(by_name[n].bias)]) for n in names
+                 if "conv" in n or n == "trimask"}
+    except (KeyError, AttributeError):
+        return None
     # numerical check on a probe (the folded network's own weights stand in for any weights)
     x = np.random.default_rng(0).random((1, 2 * 2 ** depth, 3 * 2 ** depth, folded.inputs[0].shape[-1]))
     x = x.astype(np.float32)

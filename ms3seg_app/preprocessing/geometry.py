@@ -278,7 +278,7 @@ class SliceGeometry:
         ----------
         slices : ndarray (Z, size, size) or (Z, size, size, C)
             Per-slice values, e.g. per-class probabilities (C channels).
-        order : int
+        order : {0, 1}
             Spline order (1 for probabilities, 0 for labels).
         cval : float or sequence of C floats
             Value outside the model field of view, per channel (e.g. 1 for the
@@ -294,6 +294,9 @@ class SliceGeometry:
         -------
         ndarray (I, J, K) or (I, J, K, C) of ``dtype`` (float32 default), in the stored voxel order
         """
+        if order not in (0, 1):
+            # higher orders pre-filter along the slice axis: chunks of slices would not be exact
+            raise ValueError(f"inverse interpolates with order 0 or 1, got {order}")
         squeeze = slices.ndim == 3
         if squeeze:
             slices = slices[..., None]

@@ -165,6 +165,15 @@ def _shrink(a: np.ndarray, f: int, how: str) -> np.ndarray:
     return blocks.max(axis=(1, 3)) if how == "max" else blocks.any(axis=(1, 3))
 
 
+def _shrink_factor(ni: int, aspect: float, tile_in: float) -> int:
+    """Largest integer factor that keeps at least one voxel per displayed pixel in a tile.
+
+    A tile is drawn ``tile_in`` x :data:`MOSAIC_DPI` px wide for its ``ni`` columns, each of
+    its rows ``aspect`` (row / column voxel size) times a column's width high.
+    """
+    return max(1, int(ni // (tile_in * MOSAIC_DPI * max(1.0, aspect))))
+
+
 def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, ncols: int = 4,
             labels: np.ndarray | None = None, alpha: float = 0.45, contour: np.ndarray | None = None,
             edges: np.ndarray | None = None, marks: dict | None = None, tile_in: float = 2.6,
@@ -194,11 +203,13 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
         any of it shows it, so a one-voxel lesion stays visible; other blocks show their
         highest label.
 
-    Tiles wider than twice their displayed width (``tile_in`` x :data:`MOSAIC_DPI` px, e.g.
-    a 512x512 slice in a 208-px tile) are shrunk by the integer factor that keeps them at
-    least that wide (block mean of the grey values, block maximum of the labels and edges,
-    block mean of the contour mask): what the PNG shows is unchanged, and matplotlib's
-    float copies of the mosaic (the report's memory peak for a 512x512x300 scan) are 4x smaller.
+    Tiles of at least twice as many voxels as displayed pixels along both axes (the width is
+    ``tile_in`` x :data:`MOSAIC_DPI` px, e.g. a 512x512 slice in a 208-px tile) are shrunk
+    by the integer factor that keeps at least one voxel per pixel (block mean of the grey
+    values, block maximum of the labels with the lesion class first, any of the edges,
+    block mean of the contour mask): the PNG keeps its size and shows what a 256x256
+    slice's would (at class borders a block takes the higher label); matplotlib's float
+    copies of the mosaic are 4x smaller.
     """
     import matplotlib
 
@@ -207,7 +218,8 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
     import matplotlib.pyplot as plt
 
     ni, nj = base.shape[:2]
-    f = max(1, int(max(ni, nj) // (tile_in * MOSAIC_DPI)))  # shrink factor of the tiles
+    aspect = float(zooms[1]) / float(zooms[0])
+    f = _shrink_factor(ni, aspect, tile_in)
 
     def disp(sl: np.ndarray, how: str) -> np.ndarray:
         return _shrink(_disp(sl), f, how)
@@ -236,7 +248,6 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
         rgb[r0:r0 + h, c0:c0 + w] = np.rint(tile * 255)
         if tiled_contour is not None:
             tiled_contour[r0:r0 + h, c0:c0 + w] = disp(contour[:, :, k].astype(np.float32), "mean")
-    aspect = float(zooms[1]) / float(zooms[0])
     width = ncols * tile_in
     height = width * rgb.shape[0] * aspect / rgb.shape[1]
     fig = plt.figure(figsize=(width, height))
@@ -254,7 +265,8 @@ def _mosaic(ks: list[int], base: np.ndarray, zooms, lo: float, hi: float, *, nco
         ax.text(c0 + 2, r0 + 2, f"slice {k}", ha="left", va="top", color="#ffe680", fontsize=8,
                 path_effects=stroke)
         for i, j, text in (marks or {}).get(k, []):
-            x, y = c0 + (ni - 1 - i) / f, r0 + (nj - 1 - j) / f
+            # the voxel's position in its f x f block, in block units (a block's pixel is its centre)
+            x, y = c0 + ((ni - 1 - i) - (f - 1) / 2) / f, r0 + ((nj - 1 - j) - (f - 1) / 2) / f
             ax.annotate(text, (x, y), xytext=(9, 9), textcoords="offset points", color="black",
                         fontsize=9, fontweight="bold", ha="left", va="bottom",
                         bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="black", lw=0.6, alpha=0.9),
