@@ -402,9 +402,15 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
     atomic_write_text(output_dir / LONG_TABLE, _tsv(long))
     atomic_write_text(output_dir / QC_TABLE, _tsv(qc))
     if report:
+        from .derivatives import read_class_table
         from .reports.group import write_group_report
 
-        write_group_report(output_dir / "group.html", df, tests, bands, long, qc)
+        try:
+            classes = read_class_table(output_dir)
+        except (OSError, KeyError, ValueError) as exc:  # colours only: the MS3SEG tri-mask's
+            LOGGER.warning("class table not read (%s); the group report uses the MS3SEG colours", exc)
+            classes = None
+        write_group_report(output_dir / "group.html", df, tests, bands, long, qc, classes=classes)
     LOGGER.info("wrote %s (%d FLAIRs, %d QC entries, %d tests)", out, len(df), len(qc), len(tests))
     return out
 

@@ -452,3 +452,23 @@ def test_tiles_are_not_shrunk_below_their_displayed_width_or_height():
     assert _shrink_factor(256, 1.0, 2.6) == 1   # clinical slices: never shrunk
     assert _shrink_factor(512, 2.0, 2.6) == 1   # rows twice as tall as wide: 512 rows over 416 px
     assert _shrink_factor(1024, 1.0, 2.2) == 5  # 1024 over 176 px
+
+
+def test_group_burden_plots_take_the_colours_of_the_run_class_table():
+    """The three burden plots are coloured like the run's classes (desc-trimask_dseg.tsv),
+    as the participant reports are; without a table, in the MS3SEG colours."""
+    from ms3seg_app.model.card import ClassInfo
+    from ms3seg_app.reports.group import figures
+
+    df, _, _, long, _ = group_inputs(12)
+    classes = (ClassInfo(0, "background", "BG", "#000000"), ClassInfo(1, "ventricles", "VEN", "#123456"),
+               ClassInfo(2, "normal WMH", "NWMH", "#00aa00"), ClassInfo(3, "abnormal WMH", "AWMH", "#ff8800"))
+
+    def has(png, color):
+        rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)]) / 255
+        return bool((np.abs(png - rgb).max(axis=-1) < 0.02).any())
+
+    dist = lambda figs: _decode_png(next(f["png"] for f in figs if f["id"] == "distributions"))  # noqa: E731
+    ours, default = dist(figures(df, long, classes)), dist(figures(df, long))
+    assert has(ours, "#ff8800") and has(ours, "#123456") and not has(ours, "#ff0000")
+    assert has(default, "#ff0000") and has(default, "#0000ff") and not has(default, "#ff8800")

@@ -41,9 +41,10 @@ LABELS = {
 }
 PERCENT = {"icv", "shares"}
 LOC_COLORS = {"periventricular": "#c0392b", "juxtacortical": "#e67e22", "deep": "#8e44ad"}
-MEASURES = [("abnormal_wmh_icv_fraction", "Abnormal WMH", CLASSES[3][2]),
-            ("normal_wmh_icv_fraction", "Normal WMH", CLASSES[2][2]),
-            ("ventricles_icv_fraction", "Ventricles", CLASSES[1][2])]
+#: Burden columns plotted, their titles and the abbreviation of the class whose colour they take.
+MEASURES = [("abnormal_wmh_icv_fraction", "Abnormal WMH", "AWMH"),
+            ("normal_wmh_icv_fraction", "Normal WMH", "NWMH"),
+            ("ventricles_icv_fraction", "Ventricles", "VEN")]
 # kept for importers of the old name
 TABLE_COLUMNS = ID_COLUMNS + TABLES["burden"][2] + ["lesion_count", "lesion_periventricular_share", "age", "sex",
                                                      "group", "qc_flags"]
@@ -63,7 +64,15 @@ def _label(r) -> str:
     return str(r["participant_id"]) + ("" if ses in ("n/a", None) or pd.isna(ses) else f" {ses}")
 
 
-def figures(df: pd.DataFrame, long: pd.DataFrame) -> list[dict]:
+def _measure_colors(classes=None) -> list[str]:
+    """Colour of each :data:`MEASURES` plot: its class's in ``classes`` (the run's class
+    table), else the MS3SEG tri-mask's (also for a class the table lacks)."""
+    default = {a: c for _, a, c in CLASSES.values()}
+    table = {c.abbreviation: c.color for c in (classes or ())}
+    return [table.get(abbr, default[abbr]) for _, _, abbr in MEASURES]
+
+
+def figures(df: pd.DataFrame, long: pd.DataFrame, classes=None) -> list[dict]:
     """Group figures as PNG (base64) with captions.
 
     Parameters
@@ -72,6 +81,9 @@ def figures(df: pd.DataFrame, long: pd.DataFrame) -> list[dict]:
         One row per FLAIR (``group_desc-trimask_volumes.tsv``).
     long : DataFrame
         Longitudinal changes (unused for the figures beyond the trajectories).
+    classes : sequence of ClassInfo, optional
+        The run's class table (:func:`ms3seg_app.derivatives.read_class_table`): colours
+        of the burden plots (default: the MS3SEG tri-mask's).
 
     Returns
     -------
@@ -82,7 +94,7 @@ def figures(df: pd.DataFrame, long: pd.DataFrame) -> list[dict]:
     rng = np.random.default_rng(0)
     n = len(df)
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
-    for ax, (col, name, color) in zip(axes, MEASURES):
+    for ax, (col, name, _), color in zip(axes, MEASURES, _measure_colors(classes)):
         vals = 100 * pd.to_numeric(df.get(col), errors="coerce").dropna()
         if len(vals) >= MIN_BOX:
             ax.boxplot(vals, widths=0.5, showfliers=False)
@@ -272,7 +284,8 @@ def long_tables(long: pd.DataFrame) -> list[dict]:
 
 
 def write_group_report(path, df: pd.DataFrame, tests: pd.DataFrame, bands: pd.DataFrame,
-                       long: pd.DataFrame, qc: pd.DataFrame, *, title: str = "ms3seg-app group report"):
+                       long: pd.DataFrame, qc: pd.DataFrame, *, title: str = "ms3seg-app group report",
+                       classes=None):
     """Render ``group.html`` (autoescaped, self-contained).
 
     Parameters
@@ -287,6 +300,8 @@ def write_group_report(path, df: pd.DataFrame, tests: pd.DataFrame, bands: pd.Da
         Statistics, age bands, longitudinal change and QC entries of :mod:`ms3seg_app.group`.
     title : str, optional
         Page title.
+    classes : sequence of ClassInfo, optional
+        The run's class table: colours of the burden plots (see :func:`figures`).
 
     Returns
     -------
@@ -297,7 +312,7 @@ def write_group_report(path, df: pd.DataFrame, tests: pd.DataFrame, bands: pd.Da
     html = env().get_template("group.html.j2").render(
         csp_script_src=CSP_SCRIPT_PLACEHOLDER, title=title,
         version=__version__, n_flairs=len(df), n_participants=df["participant_id"].nunique(),
-        tables=tables(df), figures=figures(df, long),
+        tables=tables(df), figures=figures(df, long, classes),
         tests=[{**t, "measure": LABELS.get(t["measure"], t["measure"]),
                 "unit": "% of ICV" if str(t["measure"]).endswith("fraction") else "mL"}
                for t in tests.to_dict(orient="records")],
