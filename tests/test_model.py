@@ -61,7 +61,7 @@ def test_lesion_class_has_one_definition_for_inference_and_report():
     is refused by the predictor's uncertainty and by the report alike (no fallback to the last class)."""
     from ms3seg_app.model.card import ClassInfo, ModelCard, class_index
     from ms3seg_app.model.predict import Predictor
-    from ms3seg_app.reports.individual import _class_infos
+    from ms3seg_app.reports import class_infos
 
     base = {"name": "swapped", "architecture": {"type": "unet2d"}, "input": {"shape": [None, None, None, 1]},
             "preprocessing": {"normalization": {"method": "minmax"}}}
@@ -77,7 +77,7 @@ def test_lesion_class_has_one_definition_for_inference_and_report():
         Predictor(plain, [object(), object()])
     with pytest.raises(ModelError, match="report.*no class 'AWMH'"):
         class_index(plain.classes, "AWMH", "the report's class table")
-    assert class_index(_class_infos(None), "AWMH") == 3  # the MS3SEG tri-mask by default
+    assert class_index(class_infos(None), "AWMH") == 3  # the MS3SEG tri-mask by default
     assert class_index((ClassInfo(0, "bg", "BG", "#000000"), ClassInfo(1, "l", "AWMH", "#ff0000")), "AWMH") == 1
 
 

@@ -312,6 +312,19 @@ def _architecture_key(model) -> str:
     return text.replace(json.dumps(model.name), '"#model"')
 
 
+def _variable_locations(model) -> dict:
+    """``id(variable) -> ("t"|"n", index)``: where each of ``model``'s variables sits in its
+    ``trainable_variables`` / ``non_trainable_variables`` lists (as ``stateless_call`` takes them)."""
+    loc = {id(v): ("t", i) for i, v in enumerate(model.trainable_variables)}
+    loc.update({id(v): ("n", i) for i, v in enumerate(model.non_trainable_variables)})
+    return loc
+
+
+def _pick(tv, ntv, loc):
+    """The value at ``loc`` (from :func:`_variable_locations`) of the lists ``tv``, ``ntv``."""
+    return tv[loc[1]] if loc[0] == "t" else ntv[loc[1]]
+
+
 def fold_batch_norm(model):
     """The network with every batch norm that follows a convolution folded into it.
 
@@ -369,8 +382,7 @@ def fold_batch_norm(model):
         return layer.__class__.from_config(cfg)
 
     folded = keras.models.clone_model(model, clone_function=clone)
-    where = {id(v): ("t", i) for i, v in enumerate(model.trainable_variables)}
-    where.update({id(v): ("n", i) for i, v in enumerate(model.non_trainable_variables)})
+    where = _variable_locations(model)
 
     # how each variable of `folded` is made from `model`'s: layers pair up by name (clone_model
     # keeps names and order), variables of unchanged layers pair up by position
@@ -392,20 +404,17 @@ def fold_batch_norm(model):
              [recipes[id(v)] for v in folded.non_trainable_variables])
 
     def weights(tv, ntv):
-        def get(loc):
-            return tv[loc[1]] if loc[0] == "t" else ntv[loc[1]]
-
         def make(plan):
             if plan[0] == "copy":
-                return get(plan[1])
+                return _pick(tv, ntv, plan[1])
             kind, loc, eps = plan
-            s = ops.rsqrt(get(loc["var"]) + eps)
+            s = ops.rsqrt(_pick(tv, ntv, loc["var"]) + eps)
             if loc["gamma"] is not None:
-                s = s * get(loc["gamma"])
+                s = s * _pick(tv, ntv, loc["gamma"])
             if kind == "kernel":
-                return get(loc["kernel"]) * s
-            b = (get(loc["bias"]) if loc["bias"] is not None else 0.0) - get(loc["mean"])
-            return b * s + (get(loc["beta"]) if loc["beta"] is not None else 0.0)
+                return _pick(tv, ntv, loc["kernel"]) * s
+            b = (_pick(tv, ntv, loc["bias"]) if loc["bias"] is not None else 0.0) - _pick(tv, ntv, loc["mean"])
+            return b * s + (_pick(tv, ntv, loc["beta"]) if loc["beta"] is not None else 0.0)
 
         return [make(p) for p in plans[0]], [make(p) for p in plans[1]]
 
@@ -431,7 +440,7 @@ def _stateless_graph(model, x_spec, tta: bool):
             from .unet import inference_forward
 
             depth, where = unet
-            w = {name: tuple(tv[i] if kind == "t" else ntv[i] for kind, i in locs) for name, locs in where.items()}
+            w = {name: tuple(_pick(tv, ntv, loc) for loc in locs) for name, locs in where.items()}
 
             def run(t):
                 return inference_forward(w, t, depth)
@@ -484,8 +493,7 @@ def _unet_plan(folded):
             return None
     except (KeyError, StopIteration, AttributeError):
         return None
-    loc = {id(v): ("t", i) for i, v in enumerate(folded.trainable_variables)}
-    loc.update({id(v): ("n", i) for i, v in enumerate(folded.non_trainable_variables)})
+    loc = _variable_locations(folded)
     try:  # a kernel computed rather than held (e.g. quantised or LoRA layers): not this plan
         where = {n: (loc[id(by_name[n].kernel)], loc[id(by_name[n].bias)]) for n in names
                  if "conv" in n or n == "trimask"}
@@ -496,7 +504,7 @@ def _unet_plan(folded):
     x = x.astype(np.float32)
     tv = [v.value for v in folded.trainable_variables]
     ntv = [v.value for v in folded.non_trainable_variables]
-    w = {n: tuple(tv[i] if kind == "t" else ntv[i] for kind, i in locs) for n, locs in where.items()}
+    w = {n: tuple(_pick(tv, ntv, loc) for loc in locs) for n, locs in where.items()}
     want = np.asarray(folded.stateless_call(tv, ntv, x, training=False)[0])
     if not np.allclose(np.asarray(inference_forward(w, x, depth)), want, atol=1e-4):
         LOGGER.warning("network %s looks like build_unet's but computes otherwise; run as is", folded.name)

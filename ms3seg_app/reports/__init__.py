@@ -15,6 +15,21 @@ CSP_SCRIPT_PLACEHOLDER = "__MS3SEG_CSP_SCRIPT_SRC__"
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
 
 
+def class_infos(classes=None) -> tuple:
+    """The class table a report draws: ``classes`` (ClassInfo of the card or of the run's
+    ``desc-trimask_dseg.tsv``), or the MS3SEG tri-mask (``ms3seg_app.CLASSES``)."""
+    from .. import CLASSES
+    from ..model.card import ClassInfo
+
+    return tuple(classes) if classes is not None else tuple(ClassInfo(i, *v) for i, v in CLASSES.items())
+
+
+def class_colors(classes=None) -> dict:
+    """Abbreviation -> ``#rrggbb``: the colours of ``classes``, the MS3SEG tri-mask's for a
+    class they do not name."""
+    return {c.abbreviation: c.color for c in class_infos() + class_infos(classes)}
+
+
 def env():
     """The jinja2 environment of the report templates (autoescape on for every template)."""
     from jinja2 import Environment, PackageLoader, select_autoescape

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .. import CLASSES, __version__
+from .. import __version__
 from ..derivatives import atomic_write_text
-from . import CSP_SCRIPT_PLACEHOLDER, env, finalize_csp, format_value, png_base64
+from . import CSP_SCRIPT_PLACEHOLDER, class_colors, env, finalize_csp, format_value, png_base64
 
 #: below this many points a distribution is shown as the points only (no box plot)
 MIN_BOX = 5
@@ -67,9 +67,8 @@ def _label(r) -> str:
 def _measure_colors(classes=None) -> list[str]:
     """Colour of each :data:`MEASURES` plot: its class's in ``classes`` (the run's class
     table), else the MS3SEG tri-mask's (also for a class the table lacks)."""
-    default = {a: c for _, a, c in CLASSES.values()}
-    table = {c.abbreviation: c.color for c in (classes or ())}
-    return [table.get(abbr, default[abbr]) for _, _, abbr in MEASURES]
+    color = class_colors(classes)
+    return [color[abbr] for _, _, abbr in MEASURES]
 
 
 def figures(df: pd.DataFrame, long: pd.DataFrame, classes=None) -> list[dict]:

@@ -27,10 +27,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .. import CLASSES, __version__
+from .. import __version__
 from ..derivatives import atomic_write_text
 from ..model.card import LESION_CLASS, class_index
-from . import CSP_SCRIPT_PLACEHOLDER, env, finalize_csp, format_value, png_base64
+from . import CSP_SCRIPT_PLACEHOLDER, class_colors, class_infos, env, finalize_csp, format_value, png_base64
 
 LOGGER = logging.getLogger("ms3seg.reports")
 NIIVUE_VERSION = "0.69.0"
@@ -120,13 +120,6 @@ def _even(ks: list[int], n: int) -> list[int]:
 
 # --------------------------------------------------------------------------- figures
 
-def _class_infos(classes=None) -> tuple:
-    """``classes``, or the MS3SEG tri-mask (``ms3seg_app.CLASSES``) as ClassInfo."""
-    from ..model.card import ClassInfo
-
-    return tuple(classes) if classes is not None else tuple(ClassInfo(i, *v) for i, v in CLASSES.items())
-
-
 def class_table(classes=None) -> list[dict]:
     """The classes to draw: ``index``, ``name``, ``abbr``, ``color`` (``#rrggbb``) per class.
 
@@ -137,7 +130,7 @@ def class_table(classes=None) -> list[dict]:
         and colours come from it); default: the MS3SEG tri-mask (``ms3seg_app.CLASSES``).
     """
     return [{"index": int(c.index), "name": c.name, "abbr": c.abbreviation, "color": c.color}
-            for c in _class_infos(classes)]
+            for c in class_infos(classes)]
 
 
 def _rgb(color: str) -> np.ndarray:
@@ -350,13 +343,12 @@ def _fmt(v, nd: int = 3) -> str:
     return format_value(v, nd)
 
 
-def key_figures(volumes: dict, classes: list | None = None) -> dict:
+def key_figures(volumes: dict, classes=None) -> dict:
     """Headline rows: class volumes (mL, % ICV) and lesions by location (n, mL, % of lesion volume).
 
-    ``classes``: :func:`class_table` (colours by abbreviation; default: the MS3SEG tri-mask).
+    ``classes``: ClassInfo of the card (colours by abbreviation, :func:`~ms3seg_app.reports.class_colors`).
     """
-    # the card's colours, the tri-mask's for a class the card does not name
-    color = {c["abbr"]: c["color"] for c in class_table() + list(classes or [])}
+    color = class_colors(classes)
 
     def pct(x):
         return _fmt(100 * float(x), 3) if x is not None and np.isfinite(float(x)) else "n/a"
@@ -610,7 +602,7 @@ def write_participant_report(path: Path, *, title: str, flair_name: str, flair: 
     brain = [k for k in range(nk) if m[:, :, k].any()] or head
 
     table = class_table(classes)
-    awmh_label = class_index(_class_infos(classes), LESION_CLASS, "the report's class table")
+    awmh_label = class_index(class_infos(classes), LESION_CLASS, "the report's class table")
     columns, rows, centroid_marks = lesion_rows(lesions, can.affine)
     marks = slice_marks(d, lesions, can.affine, awmh_label) or centroid_marks
     figs = {}
@@ -635,7 +627,7 @@ def write_participant_report(path: Path, *, title: str, flair_name: str, flair: 
         csp_script_src=CSP_SCRIPT_PLACEHOLDER, title=title, version=__version__, flair=flair_name,
         group_href=group_href,
         classes=[c for c in table if c["index"]],
-        warnings=list(warnings or []), key=key_figures(volumes, table), volumes=volumes,
+        warnings=list(warnings or []), key=key_figures(volumes, classes), volumes=volumes,
         lesion_columns=columns, lesion_rows=rows, figs=figs, n_findings=len(awmh), n_shown=len(findings),
         methods=methods_text(provenance), provenance=provenance or {}, metadata=metadata or {},
         shape=list(f.shape), zooms=[round(float(z), 3) for z in zooms],
