@@ -1,7 +1,7 @@
 """Benchmark: whole-process time per FLAIR against the MS3SEG seed's bare model (issue 14).
 
     python benchmarks/bench_speed.py [--skull-strip auto] [--many 4] [--big] [--skip-validation] [--no-tta]
-                                     [--repeat 2]
+                                     [--members I ...] [--repeat 2]
 
 For a clinical 2D FLAIR (256x256x20, 0.9x0.9x6.5 mm) and a 1 mm 3D FLAIR (182x218x182),
 both synthetic heads made here (speed does not depend on content), it prints:
@@ -143,8 +143,11 @@ def main() -> None:
                     help="pass --skip-bids-validation (default: the BIDS validator runs, as by default)")
     ap.add_argument("--no-tta", action="store_true", help="pass --no-tta (default: flip test-time augmentation)")
     ap.add_argument("--repeat", type=int, default=2, help="runs of the seed and of ours, the fastest kept")
+    ap.add_argument("--members", nargs="+", default=None, metavar="I",
+                    help="pass --members I ... (default: the whole ensemble)")
     a = ap.parse_args()
     opts = ["--skull-strip", a.skull_strip] + ["--skip-bids-validation"] * a.skip_validation + ["--no-tta"] * a.no_tta
+    opts += ["--members", *a.members] if a.members else []
     tmp = Path(tempfile.mkdtemp(prefix="ms3seg_bench_"))
     scans = {"2d": ((256, 256, 20), (0.9, 0.9, 6.5)), "3d": ((182, 218, 182), (1.0, 1.0, 1.0))}
     try:

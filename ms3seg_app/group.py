@@ -142,6 +142,8 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         meta = meta or {}
         df["source_sha256"] = meta.get("SourceSHA256", "")
         df["model_sha256"] = meta.get("ModelSHA256", "")
+        used = meta.get("ModelMembersUsed")
+        df["model_members"] = " ".join(map(str, used)) if isinstance(used, list) else ""
         df["qc_messages"] = "; ".join(meta.get("QCWarnings", []))
         df["prefix"] = f.name.replace("_space-orig_desc-trimask_volumes.tsv", "")
         df["qc_incomplete"] = bool(missing)
@@ -180,6 +182,9 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
     - ``qc_geometry``: slice thickness or in-plane size outside what the model saw: the
       training geometry of the model each row's sidecar names (``geometries``, keyed by
       model sha256), else ``training_geometry``;
+    - ``qc_model_differs``: segmented by another model, or another subset of its ensemble
+      members (``--members``), than most FLAIRs of the group: their burdens are not
+      directly comparable;
     - ``qc_flags``: all flags of the row, ``;``-separated (empty if none), including the
       ``incomplete (missing ...)`` message of :func:`collect_volumes` where present.
     """
@@ -199,8 +204,12 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
     lo_i = pd.Series([g["inplane_mm"][0] for g in rows_tg], index=df.index)
     hi_i = pd.Series([g["inplane_mm"][1] for g in rows_tg], index=df.index)
     df["qc_geometry"] = (th < lo_t) | (th > hi_t) | (ip < lo_i) | (ip > hi_i)
+    members = df["model_members"] if "model_members" in df else pd.Series("", index=df.index)
+    model = shas.astype(str) + "|" + members.astype(str)
+    df["qc_model_differs"] = model != model.mode().iloc[0] if len(df) else pd.Series(dtype=bool)
     names = {"qc_duplicate_input": "identical input to another FLAIR", "qc_outlier_icv": "ICV outlier",
-             "qc_outlier_lesion": "lesion-volume outlier", "qc_geometry": "geometry outside training"}
+             "qc_outlier_lesion": "lesion-volume outlier", "qc_geometry": "geometry outside training",
+             "qc_model_differs": "other model or members than most of the group"}
     flags = []
     for _, row in df.iterrows():
         msg = row.get("qc_incomplete_message")

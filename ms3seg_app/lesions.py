@@ -60,7 +60,8 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
         Per-voxel disagreement of the ensemble members (standard deviation of their
         abnormal-WMH probabilities, 0-0.5); the ``uncertainty`` column is its mean over
         the lesion's voxels, times 2 so that it runs 0 (members agree) to 1 (half the
-        members certain of a lesion, half certain of none). 0 without it.
+        members certain of a lesion, half certain of none). NaN (``n/a``) without it: a
+        single network has no spread.
     lesion_class, ventricle_class : int
         Label values of abnormal WMH and ventricles (from the model card).
 
@@ -105,7 +106,7 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
         return np.bincount(ids, weights=np.asarray(vol[absolute], np.float64), minlength=n) / counts
 
     mp = lesion_mean(awmh_prob) if awmh_prob is not None else np.full(n, np.nan)
-    unc = 2.0 * lesion_mean(uncertainty) if uncertainty is not None else np.zeros(n)
+    unc = 2.0 * lesion_mean(uncertainty) if uncertainty is not None else np.full(n, np.nan)
     rows = []
     for i in range(n):
         vol = float(counts[i] * vox_mm3)

@@ -49,12 +49,15 @@ class RunOptions:
         Left-right flip test-time augmentation.
     reports : bool
         Write the HTML report.
+    members : tuple of int, optional
+        0-based indices of the model card's members to run (default ``None``: all).
     """
 
     skull_strip: str = "auto"
     n4: bool = False
     tta: bool = True
     reports: bool = True
+    members: tuple | None = None
 
 
 def run_key(card: ModelCard, options: RunOptions) -> str:
@@ -63,7 +66,12 @@ def run_key(card: ModelCard, options: RunOptions) -> str:
     The model card's sha256 covers every member's weights and every preprocessing and
     post-processing parameter.
     """
-    key = {"model_card_sha256": card.sha256, "ms3seg_app": __version__, **asdict(options)}
+    opts = asdict(options)
+    if opts["members"] is None:  # all members: the key of runs made before the option existed
+        del opts["members"]
+    else:
+        opts["members"] = list(card.member_indices(opts["members"]))
+    key = {"model_card_sha256": card.sha256, "ms3seg_app": __version__, **opts}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -285,7 +293,9 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     space = {"SpatialReference": raw}
     software = "; ".join(f"{k} {v}" for k, v in sorted((card.data.get("software") or {}).items())
                          if k != "ms3seg_app")
-    model_info = {"ModelName": card.name, "ModelSHA256": card.sha256, "ModelMembers": len(card.members),
+    used = card.member_indices(options.members)
+    model_info = {"ModelName": card.name, "ModelSHA256": card.sha256, "ModelMembers": len(used),
+                  "ModelMembersUsed": list(used),
                   "SkullStripping": method, "N4BiasCorrection": bool(options.n4),
                   "TestTimeAugmentation": bool(options.tta),
                   "SoftwareVersions": f"ms3seg-app {__version__}" + (f"; model trained with {software}"
@@ -365,7 +375,8 @@ def _provenance(card: ModelCard, options: RunOptions, method: str, coreg_methods
 
     cv = card.data.get("cross_validation", {}).get("mean", {})
     return {"ms3seg_app_version": __version__, "model_name": card.name, "model_sha256": card.sha256,
-            "ensemble_members": len(card.members), "tta": options.tta, "skull_stripping": method,
+            "ensemble_members": len(card.member_indices(options.members)), "card_members": len(card.members),
+            "members_used": list(card.member_indices(options.members)), "tta": options.tta, "skull_stripping": method,
             "n4": options.n4, "coregistration": coreg_methods,
             "software": {k: str(v) for k, v in (card.data.get("software") or {}).items()},
             "cross_validation": cv, "lesion_definition": _lesion_definition(),

@@ -137,6 +137,11 @@ def _build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", type=Path, default=None, metavar="FILE",
                    help="another .keras/.h5 model with its *_model_card.json beside it (default: bundled weights)")
+    g.add_argument("--members", type=int, nargs="+", default=None, metavar="I",
+                   help="run only these members of the model's ensemble, numbered from 0 as listed in its card "
+                        "(default: all; nnU-Net's -f): each member is a whole network, so one of three takes a "
+                        "third of the network time, without the ensemble's averaging and, alone, without the "
+                        "per-lesion uncertainty")
     g.add_argument("--allow-unverified-model", action="store_true",
                    help="load a model whose sha256 differs from its card or that contains custom code")
 
@@ -193,7 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     (or can be created as) writable folders, with no file in their path, neither inside
     ``bids_dir``; ``--bids-filter-file`` (read and validated, see
     :func:`ms3seg_app.bids.load_filters`) and ``--model`` are existing files; ``--nprocs``
-    is at least 1.
+    is at least 1; ``--members`` are indices of the model card's members (sorted, once each).
 
     Parameters
     ----------
@@ -265,6 +270,22 @@ def parse_args(argv=None) -> argparse.Namespace:
             _fail(parser, f"{flag} {path} does not exist; check the path")
         if not path.is_file():
             _fail(parser, f"{flag} {path} is not a file; give the path of the file itself")
+    if opts.members is not None:
+        from ..exceptions import ModelError
+        from ..model.card import load_card
+
+        opts.members = sorted(set(opts.members))
+        try:
+            card = load_card(opts.model)
+        except ModelError:
+            card = None  # a broken card is reported by the run, with its own message
+        if card is not None:
+            try:
+                card.member_indices(opts.members)
+            except ModelError:
+                n = len(card.members)
+                _fail(parser, f"--members {' '.join(map(str, opts.members))}: model {card.name} has {n} member(s), "
+                      f"numbered 0-{n - 1} (ms3seg --info lists them); give indices in that range")
     try:
         opts.bids_filters = load_filters(opts.bids_filter_file)  # read again by the run; checked here
     except UsageError as exc:

@@ -192,7 +192,8 @@ def _participant(opts, run_uuid: str, console) -> int:
                                            load_filters(opts.bids_filter_file))
     startup["indexing"] = time.perf_counter() - t0
     card = load_card(opts.model)  # reads and validates the card: no TensorFlow yet
-    options = RunOptions(skull_strip=opts.skull_strip, n4=opts.n4, tta=not opts.no_tta, reports=not opts.no_reports)
+    options = RunOptions(skull_strip=opts.skull_strip, n4=opts.n4, tta=not opts.no_tta, reports=not opts.no_reports,
+                         members=tuple(opts.members) if opts.members else None)
     container = None
     if os.environ.get("MS3SEG_CONTAINER"):
         container = {"Type": os.environ.get("MS3SEG_CONTAINER"), "Tag": f"ms3seg:{__version__}"}
@@ -216,8 +217,10 @@ def _participant(opts, run_uuid: str, console) -> int:
             else:
                 todo.append((fi, sha))
     startup["resume_check"] = time.perf_counter() - t0
-    LOGGER.log(IMPORTANT, "ms3seg-app %s: %d FLAIR(s) selected, %d to process; model %s (%d member(s))",
-               __version__, len(inputs), len(todo), card.name, len(card.members))
+    LOGGER.log(IMPORTANT, "ms3seg-app %s: %d FLAIR(s) selected, %d to process; model %s (%s)",
+               __version__, len(inputs), len(todo), card.name,
+               f"{len(card.members)} member(s)" if options.members is None else
+               f"member(s) {', '.join(map(str, options.members))} of {len(card.members)}")
     nprocs = max(1, min(opts.nprocs, len(todo)))
     threads = opts.omp_nthreads if opts.omp_nthreads > 0 else max(1, (os.cpu_count() or 1) // nprocs)
     if todo:
@@ -306,12 +309,13 @@ def _init_worker(threads: int, device: str, verbose: int, quiet: int) -> None:
 
 def _predictor(job: dict):
     """The model, loaded once per process."""
-    key = (str(job["model"]), job["allow_unverified"], job["options"].tta)
+    key = (str(job["model"]), job["allow_unverified"], job["options"].tta, job["options"].members)
     if key not in _WORKER:
         from ..model.predict import Predictor
 
         _WORKER.clear()
-        _WORKER[key] = Predictor.load(job["model"], job["allow_unverified"], tta=job["options"].tta)
+        _WORKER[key] = Predictor.load(job["model"], job["allow_unverified"], tta=job["options"].tta,
+                                      members=job["options"].members)
     return _WORKER[key]
 
 

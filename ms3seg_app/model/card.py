@@ -154,6 +154,24 @@ class ModelCard:
         """
         return class_index(self.classes, abbreviation, f"model card {self.name!r}")
 
+    def member_indices(self, members=None) -> tuple:
+        """Validated 0-based indices into :attr:`members` (``None``: all of them, in order).
+
+        Raises
+        ------
+        ModelError
+            An index the card does not have, or no index at all.
+        """
+        n = len(self.members)
+        if members is None:
+            return tuple(range(n))
+        chosen = tuple(int(i) for i in members)
+        bad = [i for i in chosen if not 0 <= i < n]
+        if bad or not chosen:
+            raise ModelError(f"{self.path or self.name}: members {list(chosen)} asked for, the card has {n} "
+                             f"member(s), numbered 0-{n - 1}")
+        return chosen
+
     @property
     def lesion_class(self) -> int:
         """Label value of the MS-lesion class (:data:`LESION_CLASS`); ModelError if absent."""
@@ -378,8 +396,8 @@ def load_member(member: Member, card: ModelCard, allow_unverified: bool = False)
     return model
 
 
-def load_model(model: Path | str | None = None, allow_unverified: bool = False):
-    """Load a model's card and every member's network, verified.
+def load_model(model: Path | str | None = None, allow_unverified: bool = False, members=None):
+    """Load a model's card and its members' networks, verified.
 
     Parameters
     ----------
@@ -388,18 +406,23 @@ def load_model(model: Path | str | None = None, allow_unverified: bool = False):
         ``$MS3SEG_WEIGHTS`` or the bundled model.
     allow_unverified : bool
         Accept a sha256 mismatch and unsafe deserialisation (logged as a warning).
+    members : sequence of int, optional
+        Indices into the card's ``members`` list (0-based) of the networks to load;
+        default all.
 
     Returns
     -------
     (list of keras.Model, ModelCard)
+        The networks in the order of ``members``.
 
     Raises
     ------
     ModelError
-        See :func:`load_card` and :func:`load_member`.
+        See :func:`load_card` and :func:`load_member`; an index in ``members`` that the
+        card does not have.
     """
     card = load_card(model)
-    return [load_member(m, card, allow_unverified) for m in card.members], card
+    return [load_member(card.members[i], card, allow_unverified) for i in card.member_indices(members)], card
 
 
 def write_card(card: dict, weights: Path | str) -> Path:
@@ -441,7 +464,7 @@ def describe_installed_model(model: Path | str | None = None) -> str:
     card = load_card(model)
     lines = [f"model: {card.name} ({card.path})", f"model card sha256: {card.sha256}",
              f"members: {len(card.members)}"]
-    lines += [f"  {m.path.name} sha256 {m.sha256}" for m in card.members]
+    lines += [f"  {i}: {m.path.name} sha256 {m.sha256}" for i, m in enumerate(card.members)]  # --members takes i
     lines.append("classes: " + ", ".join(f"{c.index} {c.name} ({c.abbreviation})" for c in card.classes))
     cv = card.data.get("cross_validation", {}).get("mean", {})
     if cv:

@@ -43,9 +43,9 @@ class Prediction:
         C = number of classes in the card.
     dseg : ndarray (I, J, K) uint8
         Argmax, then the card's post-processing (:mod:`ms3seg_app.trimask`).
-    uncertainty : ndarray (I, J, K) float16
+    uncertainty : ndarray (I, J, K) float16, or None
         Standard deviation across ensemble members of the abnormal-WMH probability
-        (0 where they agree, and everywhere for a single model; at most 0.5).
+        (0 where they agree; at most 0.5); None for a single network (no spread to measure).
     timings : dict
         Seconds of ``slicing`` (reorientation, resampling, normalisation), ``network``,
         ``inverse_resampling`` (onto the input grid) and ``postprocessing``.
@@ -71,13 +71,18 @@ class Predictor:
         Average each member with its left-right flipped prediction.
     batch_size : int
         Most slices per forward pass (fewer for large slices: :data:`BATCH_PIXELS`).
+    member_indices : tuple of int, optional
+        Which of the card's members ``models`` are (default: all, in order).
     """
 
-    def __init__(self, card: ModelCard, models: list, tta: bool = True, batch_size: int = 16):
+    def __init__(self, card: ModelCard, models: list, tta: bool = True, batch_size: int = 16,
+                 member_indices: tuple | None = None):
         if not models:
             raise ValueError("a Predictor needs at least one network")
         self.card, self.models = card, list(models)
         self.tta, self.batch_size = tta, batch_size
+        #: which of the card's members ``models`` are (0-based; all of them unless a subset was loaded)
+        self.member_indices = tuple(member_indices) if member_indices is not None else tuple(range(len(models)))
         self._fns = None
         self._graphs: dict = {}  # architecture key -> traced graph
         if len(self.models) > 1:
@@ -91,10 +96,11 @@ class Predictor:
         return self.card.lesion_class
 
     @classmethod
-    def load(cls, model=None, allow_unverified: bool = False, tta: bool = True) -> "Predictor":
-        """Load the card and networks of ``model`` (see :func:`~ms3seg_app.model.card.load_model`)."""
-        models, card = load_model(model, allow_unverified)
-        return cls(card, models, tta=tta)
+    def load(cls, model=None, allow_unverified: bool = False, tta: bool = True, members=None) -> "Predictor":
+        """Load the card and networks of ``model`` (see :func:`~ms3seg_app.model.card.load_model`);
+        ``members``: 0-based indices of the card's members to run (default all; nnU-Net's ``-f``)."""
+        models, card = load_model(model, allow_unverified, members)
+        return cls(card, models, tta=tta, member_indices=card.member_indices(members))
 
     @classmethod
     def from_model(cls, model, card: dict | ModelCard, tta: bool = True, batch_size: int = 16) -> "Predictor":
@@ -249,16 +255,20 @@ class Predictor:
         probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1), dtype=PROB_DTYPE, within=mask)
         del p
         np.clip(probs, 0.0, 1.0, out=probs)
-        unc = geom.inverse(spread, order=1, cval=0.0, dtype=PROB_DTYPE, within=mask)
+        # a single network has no spread: no map (the lesion table says n/a, not "agreement")
+        unc = None if len(self.models) == 1 else geom.inverse(spread, order=1, cval=0.0, dtype=PROB_DTYPE,
+                                                               within=mask)
         del spread
-        np.clip(unc, 0.0, 0.5, out=unc)
+        if unc is not None:
+            np.clip(unc, 0.0, 0.5, out=unc)
         if mask is not None:
             # in place, without boolean indexing (which builds int64 index arrays: 1.9 GB for
             # a 512x512x300 scan)
             inside = np.asarray(mask, bool)
             probs *= inside[..., None]
             np.copyto(probs[..., 0], 1.0, where=~inside)
-            unc *= inside
+            if unc is not None:
+                unc *= inside
         t3 = time.perf_counter()
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
         if mask is None:

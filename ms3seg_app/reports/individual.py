@@ -415,12 +415,15 @@ def methods_text(provenance: dict) -> dict:
         steps.append(f"the {mod} image was co-registered to the FLAIR ({method}){extra}")
     paras.append("Before segmentation, " + "; ".join(steps) + ".")
     members = int(p.get("ensemble_members") or 1)
+    of = int(p.get("card_members") or members)
+    used = ", ".join(str(i) for i in p.get("members_used") or [])
+    subset = f" ({'member' if members == 1 else 'members'} {used} of the model's {of})" if of > members else ""
     tf = ver("tensorflow")
     keras = ver("keras")
     paras.append(
         f"Segmentation used the model {p.get('model_name', 'n/a')} (SHA-256 {p.get('model_sha256', 'n/a')}), "
-        + (f"an ensemble of {members} networks whose softmax outputs were averaged, " if members > 1
-           else "a single network, ")
+        + (f"an ensemble of {members} networks{subset} whose softmax outputs were averaged, " if members > 1
+           else f"a single network{subset}, ")
         + ("with test-time augmentation, " if p.get("tta") else "without test-time augmentation, ")
         + f"run with TensorFlow{tf}/Keras{keras} {cite('tensorflow')}.")
     lesdef = p.get("lesion_definition") or {}

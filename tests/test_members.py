@@ -1,0 +1,116 @@
+"""Issue 14: ``--members`` runs a subset of the ensemble (nnU-Net's ``-f``), and says so everywhere."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from test_structure import _model
+
+
+def _ensemble(tmp_path, n=3):
+    from ms3seg_app.model.card import write_ensemble_card
+    from ms3seg_app.training.train import TrainConfig, default_card
+
+    files = [_model(tmp_path / f"m{i}.keras", seed=i + 1) for i in range(n)]
+    return write_ensemble_card(default_card(TrainConfig(base_filters=4)), files, tmp_path / "ens_model_card.json")
+
+
+def test_parser_sorts_members_and_refuses_an_index_the_card_lacks(tmp_path, capsys):
+    from ms3seg_app.cli.parser import parse_args
+
+    opts = parse_args([str(ROOT / "bids_example"), str(tmp_path / "o"), "participant", "--members", "2", "0", "0"])
+    assert opts.members == [0, 2]
+    with pytest.raises(SystemExit) as e:  # the bundled card has 3 members, 0-2
+        parse_args([str(ROOT / "bids_example"), str(tmp_path / "o"), "participant", "--members", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--members 3" in err and "numbered 0-2" in err and len(err.splitlines()) == 1
+
+
+def test_card_member_indices_and_loading_a_subset(tmp_path):
+    from ms3seg_app.exceptions import ModelError
+    from ms3seg_app.model.card import load_card
+    from ms3seg_app.model.predict import Predictor
+
+    cp = _ensemble(tmp_path)
+    card = load_card(cp)
+    assert card.member_indices() == (0, 1, 2) and card.member_indices([2]) == (2,)
+    for bad in ([3], [-1], []):
+        with pytest.raises(ModelError, match="numbered 0-2"):
+            card.member_indices(bad)
+    full = Predictor.load(cp, tta=False)
+    sub = Predictor.load(cp, tta=False, members=[2])
+    assert sub.member_indices == (2,) and full.member_indices == (0, 1, 2) and len(sub.models) == 1
+    x = np.random.default_rng(0).random((2, 64, 64)).astype(np.float32) + 0.2
+    # the loaded network is member 2's: the same output as member 2 of the full ensemble alone
+    alone = Predictor.from_model(full.models[2], card.data, tta=False).predict_slices(x)[0]
+    np.testing.assert_allclose(sub.predict_slices(x)[0], alone, atol=1e-6)
+    assert not np.allclose(alone, Predictor.from_model(full.models[0], card.data, tta=False).predict_slices(x)[0])
+
+
+def test_single_network_has_no_uncertainty_map_and_its_lesions_say_na(tmp_path):
+    from ms3seg_app.lesions import lesion_table
+    from ms3seg_app.model.predict import Predictor
+
+    cp = _ensemble(tmp_path, 2)
+    data = np.zeros((40, 40, 6), np.float32)
+    data[8:32, 8:32, 1:5] = 100.0 + 20.0 * np.random.default_rng(0).random((24, 24, 4))
+    img = nib.Nifti1Image(data, np.eye(4))
+    assert Predictor.load(cp, tta=False, members=[1]).predict_image(img).uncertainty is None
+    assert Predictor.load(cp, tta=False).predict_image(img).uncertainty is not None
+    dseg = np.zeros((20, 20, 5), np.uint8)
+    dseg[3:6, 3:6, 1:3] = 3
+    t = lesion_table(dseg, np.eye(4), uncertainty=None)
+    assert len(t) == 1 and np.isnan(t["uncertainty"].iloc[0])
+
+
+def test_run_key_keeps_old_results_valid_and_tells_member_sets_apart():
+    """All members (the default) gives the key of runs made before --members existed; any
+    subset gives another key, so switching recomputes instead of reusing."""
+    import hashlib
+    from dataclasses import asdict
+
+    from ms3seg_app import __version__
+    from ms3seg_app.model.card import load_card
+    from ms3seg_app.participant import RunOptions, run_key
+
+    card = load_card()
+    old = {k: v for k, v in asdict(RunOptions()).items() if k != "members"}
+    before = hashlib.sha256(json.dumps({"model_card_sha256": card.sha256, "ms3seg_app": __version__, **old},
+                                       sort_keys=True).encode()).hexdigest()
+    assert run_key(card, RunOptions()) == before
+    keys = {run_key(card, RunOptions(members=m)) for m in (None, (0,), (1,), (0, 1))}
+    assert len(keys) == 4
+
+
+def test_members_run_end_to_end_recorded_and_flagged_by_the_group(tmp_path):
+    from ms3seg_app.cli.run import main
+
+    cp = _ensemble(tmp_path)
+    out = tmp_path / "out"
+    common = ["--skull-strip", "none", "--skip-bids-validation", "--device", "cpu", "--model", str(cp)]
+    bids = str(ROOT / "bids_example")
+    assert main([bids, str(out), "participant", "--participant-label", "01", *common]) == 0
+    assert main([bids, str(out), "participant", "--participant-label", "02", "--members", "1", *common]) == 0
+    side = json.loads((out / "sub-02/anat/sub-02_space-orig_desc-trimask_dseg.json").read_text())
+    assert side["ModelMembers"] == 1 and side["ModelMembersUsed"] == [1]
+    les = pd.read_csv(out / "sub-02/anat/sub-02_space-orig_desc-trimask_lesions.tsv", sep="\t")
+    assert les.empty or les["uncertainty"].isna().all()
+    assert "a single network (member 1 of the model" in (out / "sub-02.html").read_text()
+    full = json.loads(next((out / "sub-01").rglob("*_desc-trimask_dseg.json")).read_text())
+    assert full["ModelMembersUsed"] == [0, 1, 2]
+    # another member set is another result: not skipped as complete
+    before = (out / "sub-02/anat/sub-02_space-orig_desc-trimask_dseg.json").stat().st_mtime_ns
+    assert main([bids, str(out), "participant", "--participant-label", "02", *common]) == 0
+    side = json.loads((out / "sub-02/anat/sub-02_space-orig_desc-trimask_dseg.json").read_text())
+    assert side["ModelMembersUsed"] == [0, 1, 2]
+    assert (out / "sub-02/anat/sub-02_space-orig_desc-trimask_dseg.json").stat().st_mtime_ns != before
+    # the group flags a FLAIR made with other members than most
+    assert main([bids, str(out), "participant", "--participant-label", "02", "--members", "0", *common]) == 0
+    assert main([bids, str(out), "group"]) == 0
+    df = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t", dtype={"participant_id": str})
+    flagged = {p for p, f in zip(df["participant_id"], df["qc_flags"].fillna("")) if "other model or members" in f}
+    assert flagged == {"sub-02"}, df[["participant_id", "model_members", "qc_flags"]]
