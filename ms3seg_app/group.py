@@ -111,8 +111,10 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        One row per FLAIR, with ``source_sha256``, ``qc_messages``, ``prefix``, ``report``,
-        ``qc_incomplete`` (bool) and ``qc_incomplete_message`` (empty if complete) added.
+        One row per FLAIR, with ``source_sha256``, ``model_sha256``, ``model_members`` (the
+        ``--members`` subset, space-separated; empty for the whole ensemble), ``qc_messages``,
+        ``prefix``, ``report``, ``qc_incomplete`` (bool) and ``qc_incomplete_message`` (empty
+        if complete) added.
 
     Raises
     ------
@@ -142,8 +144,10 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         meta = meta or {}
         df["source_sha256"] = meta.get("SourceSHA256", "")
         df["model_sha256"] = meta.get("ModelSHA256", "")
-        used = meta.get("ModelMembersUsed")
-        df["model_members"] = " ".join(map(str, used)) if isinstance(used, list) else ""
+        used, n_card = meta.get("ModelMembersUsed"), meta.get("ModelMembers")
+        # the whole ensemble, or a sidecar written before --members existed: ""
+        subset = isinstance(used, list) and used != list(range(n_card if isinstance(n_card, int) else len(used)))
+        df["model_members"] = " ".join(map(str, used)) if subset else ""
         df["qc_messages"] = "; ".join(meta.get("QCWarnings", []))
         df["prefix"] = f.name.replace("_space-orig_desc-trimask_volumes.tsv", "")
         df["qc_incomplete"] = bool(missing)
@@ -183,8 +187,8 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
       training geometry of the model each row's sidecar names (``geometries``, keyed by
       model sha256), else ``training_geometry``;
     - ``qc_model_differs``: segmented by another model, or another subset of its ensemble
-      members (``--members``), than most FLAIRs of the group: their burdens are not
-      directly comparable;
+      members (``--members``), than most FLAIRs of the group (every row when no setting has
+      a majority): their burdens are not directly comparable, yet the statistics pool them;
     - ``qc_flags``: all flags of the row, ``;``-separated (empty if none), including the
       ``incomplete (missing ...)`` message of :func:`collect_volumes` where present.
     """
@@ -206,7 +210,9 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
     df["qc_geometry"] = (th < lo_t) | (th > hi_t) | (ip < lo_i) | (ip > hi_i)
     members = df["model_members"] if "model_members" in df else pd.Series("", index=df.index)
     model = shas.astype(str) + "|" + members.astype(str)
-    df["qc_model_differs"] = model != model.mode().iloc[0] if len(df) else pd.Series(dtype=bool)
+    modes = model.mode()
+    # a tie has no majority: every row is flagged, the group mixes models or member sets evenly
+    df["qc_model_differs"] = (model != modes.iloc[0]) if len(modes) == 1 else model.nunique() > 1
     names = {"qc_duplicate_input": "identical input to another FLAIR", "qc_outlier_icv": "ICV outlier",
              "qc_outlier_lesion": "lesion-volume outlier", "qc_geometry": "geometry outside training",
              "qc_model_differs": "other model or members than most of the group"}

@@ -67,10 +67,9 @@ def run_key(card: ModelCard, options: RunOptions) -> str:
     post-processing parameter.
     """
     opts = asdict(options)
-    if opts["members"] is None:  # all members: the key of runs made before the option existed
-        del opts["members"]
-    else:
-        opts["members"] = list(card.member_indices(opts["members"]))
+    members = card.member_indices(opts.pop("members"))
+    if members != card.member_indices():  # all members keeps the key of runs made before the option
+        opts["members"] = list(members)
     key = {"model_card_sha256": card.sha256, "ms3seg_app": __version__, **opts}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -269,6 +268,10 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     from .stages import brain_mask, coregister_to_flair, load_flair, n4_correct, restrict_to_brain
 
     card = predictor.card
+    if tuple(predictor.member_indices) != card.member_indices(options.members):
+        # the sidecar, run key and report name the members from the options: they must be the ones run
+        raise ValueError(f"the predictor runs members {predictor.member_indices} of {card.name}, the run options "
+                         f"name {card.member_indices(options.members)}")
     img, warnings = timer.run("checks", load_flair, fi.path)
     seg_img = timer.run("n4", n4_correct, img) if options.n4 else img
     mask, method = timer.run("brain_extraction", brain_mask, seg_img, options.skull_strip, work_dir)
@@ -294,7 +297,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     software = "; ".join(f"{k} {v}" for k, v in sorted((card.data.get("software") or {}).items())
                          if k != "ms3seg_app")
     used = card.member_indices(options.members)
-    model_info = {"ModelName": card.name, "ModelSHA256": card.sha256, "ModelMembers": len(used),
+    model_info = {"ModelName": card.name, "ModelSHA256": card.sha256, "ModelMembers": len(card.members),
                   "ModelMembersUsed": list(used),
                   "SkullStripping": method, "N4BiasCorrection": bool(options.n4),
                   "TestTimeAugmentation": bool(options.tta),

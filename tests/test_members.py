@@ -27,7 +27,7 @@ def test_parser_sorts_members_and_refuses_an_index_the_card_lacks(tmp_path, caps
         parse_args([str(ROOT / "bids_example"), str(tmp_path / "o"), "participant", "--members", "3"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "--members 3" in err and "numbered 0-2" in err and len(err.splitlines()) == 1
+    assert "--members: members 3 asked for" in err and "numbered 0-2" in err and len(err.splitlines()) == 1
 
 
 def test_card_member_indices_and_loading_a_subset(tmp_path):
@@ -38,6 +38,7 @@ def test_card_member_indices_and_loading_a_subset(tmp_path):
     cp = _ensemble(tmp_path)
     card = load_card(cp)
     assert card.member_indices() == (0, 1, 2) and card.member_indices([2]) == (2,)
+    assert card.member_indices([2, 0, 2]) == (0, 2)  # sorted, once each
     for bad in ([3], [-1], []):
         with pytest.raises(ModelError, match="numbered 0-2"):
             card.member_indices(bad)
@@ -84,6 +85,22 @@ def test_run_key_keeps_old_results_valid_and_tells_member_sets_apart():
     assert run_key(card, RunOptions()) == before
     keys = {run_key(card, RunOptions(members=m)) for m in (None, (0,), (1,), (0, 1))}
     assert len(keys) == 4
+    # the same set given otherwise is the same run; all members given explicitly is the default
+    assert run_key(card, RunOptions(members=(1, 0, 0))) == run_key(card, RunOptions(members=(0, 1)))
+    assert run_key(card, RunOptions(members=(0, 1, 2))) == before
+
+
+def test_group_flags_the_minority_setting_and_every_row_of_an_even_mix():
+    from ms3seg_app.group import add_qc_flags
+
+    def frame(members):
+        return pd.DataFrame({"participant_id": [f"sub-{i}" for i in range(len(members))], "icv_ml": 1400.0,
+                             "abnormal_wmh_ml": 5.0, "source_sha256": [str(i) for i in range(len(members))],
+                             "model_sha256": "abc", "model_members": members})
+
+    assert add_qc_flags(frame(["", "", "0"]))["qc_model_differs"].tolist() == [False, False, True]
+    assert add_qc_flags(frame(["", "0"]))["qc_model_differs"].tolist() == [True, True]
+    assert not add_qc_flags(frame(["", ""]))["qc_model_differs"].any()
 
 
 def test_members_run_end_to_end_recorded_and_flagged_by_the_group(tmp_path):
@@ -96,7 +113,7 @@ def test_members_run_end_to_end_recorded_and_flagged_by_the_group(tmp_path):
     assert main([bids, str(out), "participant", "--participant-label", "01", *common]) == 0
     assert main([bids, str(out), "participant", "--participant-label", "02", "--members", "1", *common]) == 0
     side = json.loads((out / "sub-02/anat/sub-02_space-orig_desc-trimask_dseg.json").read_text())
-    assert side["ModelMembers"] == 1 and side["ModelMembersUsed"] == [1]
+    assert side["ModelMembers"] == 3 and side["ModelMembersUsed"] == [1]
     les = pd.read_csv(out / "sub-02/anat/sub-02_space-orig_desc-trimask_lesions.tsv", sep="\t")
     assert les.empty or les["uncertainty"].isna().all()
     assert "a single network (member 1 of the model" in (out / "sub-02.html").read_text()

@@ -274,18 +274,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         from ..exceptions import ModelError
         from ..model.card import load_card
 
-        opts.members = sorted(set(opts.members))
         try:
             card = load_card(opts.model)
         except ModelError:
             card = None  # a broken card is reported by the run, with its own message
         if card is not None:
             try:
-                card.member_indices(opts.members)
-            except ModelError:
-                n = len(card.members)
-                _fail(parser, f"--members {' '.join(map(str, opts.members))}: model {card.name} has {n} member(s), "
-                      f"numbered 0-{n - 1} (ms3seg --info lists them); give indices in that range")
+                opts.members = list(card.member_indices(opts.members))
+            except ModelError as exc:
+                _fail(parser, f"--members: {exc}")
     try:
         opts.bids_filters = load_filters(opts.bids_filter_file)  # read again by the run; checked here
     except UsageError as exc:

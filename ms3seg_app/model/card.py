@@ -155,7 +155,10 @@ class ModelCard:
         return class_index(self.classes, abbreviation, f"model card {self.name!r}")
 
     def member_indices(self, members=None) -> tuple:
-        """Validated 0-based indices into :attr:`members` (``None``: all of them, in order).
+        """Validated 0-based indices into :attr:`members`, sorted, each once (``None``: all).
+
+        The one rule for ``--members``: the parser, the loader, the run key and the sidecars
+        all go through it.
 
         Raises
         ------
@@ -165,11 +168,11 @@ class ModelCard:
         n = len(self.members)
         if members is None:
             return tuple(range(n))
-        chosen = tuple(int(i) for i in members)
+        chosen = tuple(sorted({int(i) for i in members}))
         bad = [i for i in chosen if not 0 <= i < n]
         if bad or not chosen:
-            raise ModelError(f"{self.path or self.name}: members {list(chosen)} asked for, the card has {n} "
-                             f"member(s), numbered 0-{n - 1}")
+            raise ModelError(f"members {' '.join(map(str, bad or chosen))} asked for: model {self.name} has {n} "
+                             f"member(s), numbered 0-{n - 1} (ms3seg --info lists them); give indices in that range")
         return chosen
 
     @property

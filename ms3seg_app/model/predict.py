@@ -53,7 +53,7 @@ class Prediction:
 
     probabilities: np.ndarray
     dseg: np.ndarray
-    uncertainty: np.ndarray
+    uncertainty: np.ndarray | None
     timings: dict = field(default_factory=dict)
 
 
@@ -66,7 +66,7 @@ class Predictor:
     ----------
     card : ModelCard
     models : list of keras.Model
-        The card's members, in order.
+        The card's members in order, or those of ``member_indices``.
     tta : bool
         Average each member with its left-right flipped prediction.
     batch_size : int
@@ -91,7 +91,7 @@ class Predictor:
     @property
     def uncertainty_class(self) -> int:
         """Label value whose probability spread over members is the uncertainty map (the
-        card's lesion class; ModelError if the card has none; a single network's spread is 0
+        card's lesion class; ModelError if the card has none; a single network has no spread
         and does not ask for it)."""
         return self.card.lesion_class
 
