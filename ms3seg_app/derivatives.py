@@ -166,6 +166,37 @@ def _build(entities: dict, pattern: str, **extra) -> str:
     return path
 
 
+#: Entities of the per-FLAIR outputs that every run writes (probability maps and co-registered
+#: images are added per model and input by :func:`flair_outputs`).
+OUTPUT_SPECS = {
+    "dseg": dict(space="orig", desc="trimask", suffix="dseg", extension=".nii.gz"),
+    "mask": dict(space="orig", desc="brain", suffix="mask", extension=".nii.gz"),
+    "lesions": dict(space="orig", desc="trimask", suffix="lesions", extension=".tsv"),
+    "volumes": dict(space="orig", desc="trimask", suffix="volumes", extension=".tsv"),
+}
+
+
+def find_outputs(output_dir: Path, key: str) -> list[Path]:
+    """Every FLAIR's output ``key`` (of :data:`OUTPUT_SPECS`) under ``output_dir``, sorted.
+
+    A path pattern rather than a pybids index: these are our own outputs with fixed names,
+    and indexing a large output folder with pybids costs minutes.
+    """
+    spec = OUTPUT_SPECS[key]
+    name = _build({"subject": "*"}, PATH_PATTERN, **spec).rsplit("/", 1)[-1]  # sub-*_space-orig_..._<suffix><ext>
+    return sorted(Path(output_dir).glob(f"sub-*/**/anat/{name.replace('sub-*_', '*_', 1)}"))
+
+
+def flair_entities(path: Path | str) -> dict:
+    """BIDS entities (:data:`NAME_ENTITIES`) of a FLAIR or of one of its outputs, from its file name
+    (pybids ``parse_file_entities``)."""
+    from bids.layout import parse_file_entities
+
+    # pybids matches "sub-" after a path separator: the name alone, rooted, so folders never count
+    ents = parse_file_entities("/" + Path(path).name)
+    return {k: ents[k] for k in NAME_ENTITIES if ents.get(k) is not None}
+
+
 def flair_outputs(entities: dict, output_dir: Path, probseg_labels=(), modalities=()) -> dict[str, Path]:
     """Every file the participant level writes for one FLAIR: the one place outputs are named.
 
@@ -188,12 +219,7 @@ def flair_outputs(entities: dict, output_dir: Path, probseg_labels=(), modalitie
     and marks the FLAIR complete.
     """
     out_dir = Path(output_dir)
-    specs = {
-        "dseg": dict(space="orig", desc="trimask", suffix="dseg", extension=".nii.gz"),
-        "mask": dict(space="orig", desc="brain", suffix="mask", extension=".nii.gz"),
-        "lesions": dict(space="orig", desc="trimask", suffix="lesions", extension=".tsv"),
-        "volumes": dict(space="orig", desc="trimask", suffix="volumes", extension=".tsv"),
-    }
+    specs = dict(OUTPUT_SPECS)
     for lab in probseg_labels:
         specs[f"probseg_{lab}"] = dict(space="orig", label=lab, suffix="probseg", extension=".nii.gz")
     for mod in modalities:

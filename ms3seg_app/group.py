@@ -121,9 +121,9 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
     InputDataError
         If ``output_dir`` holds no participant results.
     """
-    # A path pattern rather than pybids: these are our own derivative tables with a
-    # fixed name, and indexing a large output folder with pybids costs minutes.
-    files = sorted(Path(output_dir).glob("sub-*/**/anat/*_space-orig_desc-trimask_volumes.tsv"))
+    from .derivatives import find_outputs, flair_entities, flair_outputs, output_prefix
+
+    files = find_outputs(output_dir, "volumes")
     if not files:
         raise InputDataError(f"{output_dir} holds no participant results (*_desc-trimask_volumes.tsv); "
                              "run the participant level first")
@@ -131,7 +131,8 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
     unchecked = []
     for f in files:
         df = pd.read_csv(f, sep="\t", dtype={k: str for k in KEYS}, keep_default_na=False, na_values=["n/a", ""])
-        side = f.with_name(f.name.replace("_desc-trimask_volumes.tsv", "_desc-trimask_dseg.json"))
+        ents = flair_entities(f)
+        side = flair_outputs(ents, output_dir)["dseg_json"]
         try:
             meta = json.loads(side.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -149,7 +150,7 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         subset = isinstance(used, list) and used != list(range(n_card if isinstance(n_card, int) else len(used)))
         df["model_members"] = " ".join(map(str, used)) if subset else ""
         df["qc_messages"] = "; ".join(meta.get("QCWarnings", []))
-        df["prefix"] = f.name.replace("_space-orig_desc-trimask_volumes.tsv", "")
+        df["prefix"] = output_prefix(ents)
         df["qc_incomplete"] = bool(missing)
         df["qc_incomplete_message"] = [_incomplete_message(missing, pid) if missing else ""
                                        for pid in df["participant_id"]]

@@ -84,12 +84,14 @@ def register_labels(fixed_flair: Path, moving_flair: Path, moving_dseg: Path) ->
 
 
 def _paths(row, bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
+    """(input FLAIR, its tri-mask) of a group-table row; the tri-mask named by :mod:`derivatives`."""
+    from .derivatives import flair_entities, flair_outputs
+
     sub = row["participant_id"]
     ses = row["session_id"]
     rel = Path(sub) / (ses if ses != "n/a" else "") / "anat"
-    prefix = row["prefix"]
     return (Path(bids_dir) / rel / row["flair"],
-            Path(output_dir) / rel / f"{prefix}_space-orig_desc-trimask_dseg.nii.gz")
+            flair_outputs(flair_entities(row["flair"]), output_dir)["dseg"])
 
 
 def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path) -> pd.DataFrame:

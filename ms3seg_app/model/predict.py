@@ -335,6 +335,46 @@ def _pick(tv, ntv, loc):
     return tv[loc[1]] if loc[0] == "t" else ntv[loc[1]]
 
 
+def _functional_graph(model) -> tuple[dict, "Counter"]:
+    """Connectivity of a functional network from its config (public API: the saved-model format).
+
+    Returns
+    -------
+    (calls, uses)
+        ``calls[name]``: one list per call of layer ``name``, of the names of the layers whose
+        outputs that call takes; ``uses[name]``: how many inputs of other calls, and outputs of
+        the network, are outputs of layer ``name``.
+    """
+    from collections import Counter
+
+    def producers(obj):
+        if isinstance(obj, dict):
+            if obj.get("class_name") == "__keras_tensor__":
+                yield obj["config"]["keras_history"][0]
+            else:
+                for v in obj.values():
+                    yield from producers(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from producers(v)
+
+    try:
+        cfg = model.get_config()
+    except NotImplementedError:  # a subclassed network: no graph to read, nothing is folded
+        cfg = {}
+    calls, uses = {}, Counter()
+    for lc in cfg.get("layers", []):
+        if "name" not in lc:  # a Sequential network's config: no graph is recorded, nothing folds
+            continue
+        calls[lc["name"]] = [list(producers(node)) for node in lc.get("inbound_nodes") or []]
+        for srcs in calls[lc["name"]]:
+            uses.update(srcs)
+    outs = cfg.get("output_layers") or []
+    for out in (outs if outs and isinstance(outs[0], (list, tuple)) else [outs] if outs else []):
+        uses[out[0]] += 1
+    return calls, uses
+
+
 def fold_batch_norm(model):
     """The network with every batch norm that follows a convolution folded into it.
 
@@ -365,13 +405,15 @@ def fold_batch_norm(model):
     import keras
     from keras import layers, ops
 
+    calls, uses = _functional_graph(model)
     fold = {}  # conv layer name -> its batch norm
     for layer in model.layers:
-        if not isinstance(layer, layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+        if not isinstance(layer, layers.BatchNormalization) or len(calls.get(layer.name, ())) != 1:
             continue
-        src = layer.input._keras_history.operation
+        srcs = calls[layer.name][0]
+        src = model.get_layer(srcs[0]) if len(srcs) == 1 else None
         if (isinstance(src, layers.Conv2D) and src.data_format == "channels_last" and layer.axis in (-1, 3)
-                and len(src._inbound_nodes) == 1 and len(src._outbound_nodes) == 1):
+                and len(calls.get(src.name, ())) == 1 and uses[src.name] == 1):
             fold[src.name] = layer
     if not fold:
         return None
