@@ -118,8 +118,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("processing options")
     g.add_argument("--skull-strip", choices=["auto", "fsl", "deepbet", "none"], default="auto",
-                   help="brain extraction: 'auto' is FSL BET if installed, else deepbet; "
-                        "'none' for skull-stripped input (default: %(default)s)")
+                   help="brain extraction: 'none' for skull-stripped input (its non-zero voxels are the "
+                        "brain); 'auto' is 'none' for input found skull-stripped (zero background and "
+                        "deepbet's check), else FSL BET if installed, else deepbet (default: %(default)s)")
     g.add_argument("--n4", action="store_true", help="N4 bias-field correction (ANTsPy) before segmentation")
     g.add_argument("--no-tta", action="store_true", help="no left-right flip test-time augmentation")
     g.add_argument("-w", "--work-dir", type=Path, default=None, metavar="DIR",
