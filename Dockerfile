@@ -45,7 +45,7 @@ LABEL org.opencontainers.image.title="ms3seg-app" \
       org.opencontainers.image.description="BIDS App: MS3SEG tri-mask (ventricles, normal WMH, MS lesions) from FLAIR" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.source="https://github.com/ms3seg/ms3seg-app" \
-      org.opencontainers.image.version="0.2.0"
+      org.opencontainers.image.version="0.3.0"
 ENV DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \

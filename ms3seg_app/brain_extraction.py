@@ -180,10 +180,13 @@ def _build_linknet3d(name: str, params: dict[str, np.ndarray]):
     return keras.Model(inp, y, name=name), head_w, head_b
 
 
-def _load_nets() -> dict:
-    """Build both networks once per process (thread-safe); returns the cache."""
+def _load_nets(net: str | None = None) -> dict:
+    """Build deepbet's networks once per process (thread-safe): ``net`` (``"bbox_model"`` or
+    ``"model"``) or, by default, both; returns the cache. The skull-stripped check of
+    ``--skull-strip auto`` needs only the small one."""
+    wanted = ("bbox_model", "model") if net is None else (net,)
     with _LOCK:
-        if _NETS:
+        if all(n in _NETS for n in wanted):
             return _NETS
         if not WEIGHTS_PATH.is_file():
             raise ModelError(f"{WEIGHTS_PATH} is missing; reinstall ms3seg-app or run scripts/export_deepbet.py")
@@ -195,11 +198,11 @@ def _load_nets() -> dict:
             )
         with np.load(WEIGHTS_PATH) as z:
             arrays = {k: z[k] for k in z.files}
-        nets = {}
-        for net in ("bbox_model", "model"):
-            prefix = net + "/"
-            nets[net] = _build_linknet3d(net, {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-        _NETS.update(nets)
+        for name in wanted:
+            if name not in _NETS:
+                prefix = name + "/"
+                _NETS[name] = _build_linknet3d(name, {k[len(prefix):]: v for k, v in arrays.items()
+                                                      if k.startswith(prefix)})
         return _NETS
 
 
@@ -247,7 +250,7 @@ def _predict(net: str, x: np.ndarray, index: list[np.ndarray] | None = None) -> 
     """
     if any(n % 2 for n in x.shape):
         raise ValueError(f"deepbet's networks take even sizes here, got {x.shape}")
-    model, head_w, head_b = _load_nets()[net]
+    model, head_w, head_b = _load_nets(net)[net]
     # predict_on_batch runs a compiled graph: peak memory 1.7 GB instead of 3.2 GB eagerly
     features = np.asarray(model.predict_on_batch(x[None, ..., None].astype(np.float32, copy=False))[0])
     if index is None:
@@ -343,11 +346,12 @@ def _bbox_stage(img: nib.Nifti1Image, src: str):
 
 
 def brain_fraction(img: nib.Nifti1Image) -> float:
-    """Fraction of the image's non-zero voxels that deepbet's bounding-box network calls brain.
+    """Fraction of the image's voxels above 0 that deepbet's bounding-box network calls brain.
 
-    Near 1 for an image already skull-stripped (its non-zero voxels are the brain), well below
-    1 for a head (skull, scalp, and any noisy background are non-zero but not brain). The
-    network runs at 128^3 (0.4 s on 2 cores), so the figure has that resolution.
+    Near 1 for an image already skull-stripped (its voxels above 0 are the brain), well below
+    1 for a head (skull, scalp and any noisy background are above 0 but not brain). The
+    network runs at 128^3 (0.4 s on 2 cores); its largest brain component is resampled back
+    to the image grid (nearest-exact, as deepbet does) and intersected with the voxels above 0.
 
     Parameters
     ----------
@@ -356,18 +360,20 @@ def brain_fraction(img: nib.Nifti1Image) -> float:
     Returns
     -------
     float
-        Brain volume of the network's largest component, in input voxels (128^3 voxels scaled by
-        the resampling), over the count of non-zero input voxels; 0 for an all-zero image.
+        In ``[0, 1]``; 0 when no voxel is above 0.
 
     Raises
     ------
     InputDataError, ModelError
-        As :func:`deepbet_mask`.
+        As :func:`deepbet_mask` (e.g. a constant image).
     """
     x, _, _, mask_small = _bbox_stage(img, _source(img))
-    nonzero = np.count_nonzero(x)
-    scale = float(np.prod(np.array(x.shape, np.float64) / np.array(SMALL_SHAPE)))
-    return float(mask_small.sum()) * scale / nonzero if nonzero else 0.0
+    positive = x > 0
+    n = int(np.count_nonzero(positive))
+    if n == 0:
+        return 0.0
+    inside = np.count_nonzero(positive & _resize_nearest_exact(mask_small, x.shape))
+    return inside / n
 
 
 def deepbet_mask(img: nib.Nifti1Image, threshold: float = 0.5) -> np.ndarray:

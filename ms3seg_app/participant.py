@@ -274,7 +274,9 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
                          f"name {card.member_indices(options.members)}")
     img, warnings = timer.run("checks", load_flair, fi.path)
     seg_img = timer.run("n4", n4_correct, img) if options.n4 else img
-    mask, method = timer.run("brain_extraction", brain_mask, seg_img, options.skull_strip, work_dir)
+    mask, method, note = timer.run("brain_extraction", brain_mask, seg_img, options.skull_strip, work_dir)
+    if note:
+        warnings.append(note)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     pred = timer.run("inference", predictor.predict_image, seg_img, restrict_to_brain(mask, spacing))
     # the inference stage in its parts (network, resampling back to the FLAIR grid, ...)

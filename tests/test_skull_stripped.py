@@ -43,8 +43,9 @@ def test_stripped_input_is_taken_as_it_is_without_the_segmentation_network(deepb
     from ms3seg_app.stages.brain import brain_mask
 
     img = _head(stripped=True)
-    mask, method = brain_mask(img, "auto")
+    mask, method, note = brain_mask(img, "auto")
     assert method == "none" and deepbet_calls == {"bbox_model": 1, "model": 0}
+    assert "already skull-stripped" in note and "--skull-strip deepbet" in note
     np.testing.assert_array_equal(mask, np.asarray(img.dataobj) > 0)
 
 
@@ -54,8 +55,8 @@ def test_head_with_a_zero_background_is_still_skull_stripped(deepbet_calls):
     img = _head()
     stripped, why = looks_skull_stripped(img)
     assert not stripped and "deepbet calls only" in why
-    mask, method = brain_mask(img, "auto")
-    assert method == "deepbet" and deepbet_calls["model"] == 1
+    mask, method, note = brain_mask(img, "auto")
+    assert method == "deepbet" and deepbet_calls["model"] == 1 and note is None
     assert mask.sum() < 0.9 * (np.asarray(img.dataobj) > 0).sum()  # skull and scalp left out
 
 
@@ -77,12 +78,34 @@ def test_thick_slices_may_hold_brain_in_the_first_and_last_slice():
     assert not looks_skull_stripped(_head(shape=(128, 128, 18), zooms=(1.8, 1.8, 6.5)))[0]
 
 
+def _zero_background(img):
+    """The head of a whole-head FLAIR with everything outside it set to 0 (as defacing or
+    registration tools leave it): the case where the edges are zero but the skull is there."""
+    from scipy import ndimage
+
+    d = np.asarray(img.dataobj, np.float32)
+    head = d > 0.1 * np.percentile(d, 99)
+    for k in range(head.shape[2]):
+        head[:, :, k] = ndimage.binary_fill_holes(ndimage.binary_closing(head[:, :, k], iterations=3))
+    lab, _ = ndimage.label(head)
+    head = lab == np.argmax(np.bincount(lab.ravel())[1:]) + 1
+    return nib.Nifti1Image(d * head, img.affine)
+
+
 @needs_shared
-def test_development_flairs_whole_head_and_bet_stripped_are_told_apart():
+def test_development_flairs_whole_head_zeroed_head_and_bet_stripped_are_told_apart():
     from ms3seg_app.stages.brain import looks_skull_stripped
 
     flairs = sorted(glob.glob(str(SHARED_DATA / "ms3seg_sample" / "MS_100_patient_registered" / "*" / "*_FLAIR*.nii.gz")))
     assert len(flairs) == 20
     for f in flairs:
-        stripped, why = looks_skull_stripped(nib.load(f))
+        img = nib.load(f)
+        stripped, why = looks_skull_stripped(img)
         assert stripped == f.endswith("_FLAIR_brain.nii.gz"), (f, why)
+        if not stripped:  # the same head with its background set to 0: still a head
+            stripped, why = looks_skull_stripped(_zero_background(img))
+            assert not stripped and "deepbet calls only" in why, (f, why)
+        else:  # a slab of 10 of its slices (65 mm): too thin to tell, so brain extraction runs
+            d = np.asarray(img.dataobj)
+            stripped, why = looks_skull_stripped(nib.Nifti1Image(d[:, :, 5:15], img.affine))
+            assert not stripped and "too little to tell" in why, (f, why)

@@ -329,3 +329,37 @@ def test_batch_norms_folded_into_convolutions_compute_the_same_network(use_bias)
     np.testing.assert_allclose(np.asarray(got), np.asarray(model(x, training=False)), atol=1e-5)
     plain = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3)])
     assert fold_batch_norm(plain) is None  # nothing to fold
+
+
+def test_fold_batch_norm_reads_any_functional_graph():
+    """Batch norms after an op (x + y) or after a convolution used twice stay; named (dict)
+    outputs are read; the folded network computes the same; a conv feeding only its batch
+    norm is folded."""
+    import keras
+    from keras import layers
+
+    from ms3seg_app.model.predict import fold_batch_norm
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((None, None, 1))
+    a = layers.Conv2D(4, 3, padding="same", name="a")(inp)
+    a_bn = layers.BatchNormalization(name="a_bn")(a)            # foldable
+    b = layers.Conv2D(4, 3, padding="same", name="b")(a_bn)
+    b_bn = layers.BatchNormalization(name="b_bn")(b)            # b is also used below: not foldable
+    s = layers.BatchNormalization(name="s_bn")(b + a_bn)        # after an op, not a layer
+    out = layers.Conv2D(2, 1, name="out")(layers.Concatenate()([b_bn, s, b]))
+    model = keras.Model(inp, {"seg": out, "aux": a_bn})
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.5, 4).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, 4).astype(np.float32))
+    folded, weights = fold_batch_norm(model)
+    kept = {la.name for la in folded.layers if isinstance(la, layers.BatchNormalization)}
+    assert kept == {"b_bn", "s_bn"}
+    x = rng.random((1, 16, 16, 1)).astype(np.float32)
+    tv, ntv = weights([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+    got, _ = folded.stateless_call(tv, ntv, x, training=False)
+    want = model(x, training=False)
+    for k in ("seg", "aux"):
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=1e-5)

@@ -118,7 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("processing options")
     g.add_argument("--skull-strip", choices=["auto", "fsl", "deepbet", "none"], default="auto",
-                   help="brain extraction: 'none' for skull-stripped input (its non-zero voxels are the "
+                   help="brain extraction: 'none' for skull-stripped input (its voxels above 0 are the "
                         "brain); 'auto' is 'none' for input found skull-stripped (zero background and "
                         "deepbet's check), else FSL BET if installed, else deepbet (default: %(default)s)")
     g.add_argument("--n4", action="store_true", help="N4 bias-field correction (ANTsPy) before segmentation")

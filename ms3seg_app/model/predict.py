@@ -369,9 +369,15 @@ def _functional_graph(model) -> tuple[dict, "Counter"]:
         calls[lc["name"]] = [list(producers(node)) for node in lc.get("inbound_nodes") or []]
         for srcs in calls[lc["name"]]:
             uses.update(srcs)
+    # output_layers: [name, node, index], a list of those, or a dict of them (named outputs)
     outs = cfg.get("output_layers") or []
-    for out in (outs if outs and isinstance(outs[0], (list, tuple)) else [outs] if outs else []):
-        uses[out[0]] += 1
+    if isinstance(outs, dict):
+        outs = list(outs.values())
+    if outs and not isinstance(outs[0], (list, tuple)):
+        outs = [outs]
+    for out in outs:
+        if isinstance(out, (list, tuple)) and out and isinstance(out[0], str):
+            uses[out[0]] += 1
     return calls, uses
 
 
@@ -406,12 +412,13 @@ def fold_batch_norm(model):
     from keras import layers, ops
 
     calls, uses = _functional_graph(model)
+    by_name = {layer.name: layer for layer in model.layers}  # not ops (e.g. x + y) the config also lists
     fold = {}  # conv layer name -> its batch norm
     for layer in model.layers:
         if not isinstance(layer, layers.BatchNormalization) or len(calls.get(layer.name, ())) != 1:
             continue
         srcs = calls[layer.name][0]
-        src = model.get_layer(srcs[0]) if len(srcs) == 1 else None
+        src = by_name.get(srcs[0]) if len(srcs) == 1 else None
         if (isinstance(src, layers.Conv2D) and src.data_format == "channels_last" and layer.axis in (-1, 3)
                 and len(calls.get(src.name, ())) == 1 and uses[src.name] == 1):
             fold[src.name] = layer
@@ -440,7 +447,11 @@ def fold_batch_norm(model):
     # keeps names and order), variables of unchanged layers pair up by position
     recipes = {}
     for fl in folded.layers:
-        orig = model.get_layer(fl.name)
+        orig = by_name.get(fl.name)
+        if orig is None:  # an op (e.g. x + y) the clone wraps as a layer of its own name
+            if fl.variables:
+                return None  # weights that cannot be paired: run the network as it is
+            continue
         if fl.name in fold:
             bn = fold[fl.name]
             parts = {"gamma": bn.gamma if bn.scale else None, "beta": bn.beta if bn.center else None,

@@ -405,7 +405,7 @@ def methods_text(provenance: dict) -> dict:
     elif ss and ss != "none":
         steps.append(f"the brain was extracted with {p.get('skull_stripping')}")
     else:
-        steps.append("the input was taken as already skull-stripped (its non-zero voxels form the brain mask)")
+        steps.append("the input was taken as already skull-stripped (its voxels above 0 form the brain mask)")
     if p.get("n4"):
         steps.append(f"intensity non-uniformity was corrected with N4 {cite('n4')} as implemented in "
                      f"ANTs{ver('antspyx') or ver('ants')} {cite('ants')}")

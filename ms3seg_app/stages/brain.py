@@ -1,4 +1,5 @@
-"""Stage 3: brain extraction (FSL BET when installed, else deepbet; ``none`` for skull-stripped input)."""
+"""Stage 3: brain extraction (FSL BET when installed, else deepbet; ``none`` for skull-stripped
+input, which ``auto`` detects: :func:`looks_skull_stripped`)."""
 from __future__ import annotations
 
 import logging
@@ -17,10 +18,15 @@ LOGGER = logging.getLogger("ms3seg.stages")
 
 
 #: ``--skull-strip auto`` takes a FLAIR as already skull-stripped when deepbet's bounding-box
-#: network calls at least this fraction of its non-zero voxels brain (:func:`brain_fraction`).
-#: Measured 2026-12-02: the 10 development FLAIRs skull-stripped with FSL BET 0.81-0.98, the same
-#: FLAIRs whole-head 0.18-0.24, synthetic heads with a zero background and a thin skull 0.68-0.69.
+#: network calls at least this fraction of its voxels above 0 brain (:func:`brain_fraction`).
+#: Measured 2026-12-02: the 10 development FLAIRs skull-stripped with FSL BET 0.80-0.95; the same
+#: FLAIRs whole-head with the background outside the head set to 0, 0.46-0.55 (slabs of 5 or 10
+#: of their slices up to 0.65); synthetic heads with a zero background and a thin skull 0.68-0.69.
 STRIPPED_BRAIN_FRACTION = 0.75
+#: ... and only when the FLAIR covers at least this much from inferior to superior: on slabs
+#: (5-10 of the development FLAIRs' slices) the network's fraction of skull-stripped and of
+#: zero-background heads overlap (0.59-0.83 against 0.52-0.65), so slabs go to brain extraction.
+STRIPPED_MIN_SI_COVERAGE_MM = 100.0
 
 
 def fsl_available() -> bool:
@@ -28,20 +34,24 @@ def fsl_available() -> bool:
     return bool(shutil.which("bet") and shutil.which("flirt") and os.environ.get("FSLDIR"))
 
 
-def brain_mask(img: nib.Nifti1Image, method: str = "auto", work_dir: Path | None = None) -> tuple[np.ndarray, str]:
+def brain_mask(img: nib.Nifti1Image, method: str = "auto",
+               work_dir: Path | None = None) -> tuple[np.ndarray, str, str | None]:
     """Brain mask on the image grid.
 
     Parameters
     ----------
     img : Nifti1Image, 3D
     method : {"auto", "fsl", "deepbet", "none"}
-        ``none``: the input is already skull-stripped; the mask is its non-zero voxels
+        ``none``: the input is already skull-stripped; the mask is its voxels above 0
         (holes filled per slice). ``auto``: ``none`` when :func:`looks_skull_stripped`,
         else FSL BET if installed, else deepbet.
 
     Returns
     -------
-    (ndarray (I, J, K) bool, str method used)
+    (ndarray (I, J, K) bool, str, str or None)
+        The mask, the method used (``"none"``, ``"fsl"`` or ``"deepbet"``), and for an input
+        that ``auto`` took as already skull-stripped a note for the QC warnings (what was
+        found, what to check, how to override), else None.
 
     Raises
     ------
@@ -49,12 +59,15 @@ def brain_mask(img: nib.Nifti1Image, method: str = "auto", work_dir: Path | None
         ``fsl`` requested without FSL, or an empty mask.
     """
     data = np.asarray(img.dataobj, dtype=np.float32)
+    note = None
     if method == "auto":
         stripped, why = looks_skull_stripped(img, data)
+        LOGGER.debug("%s: skull-stripped input? %s (%s)", img.get_filename() or "FLAIR", stripped, why)
         if stripped:
-            LOGGER.info("%s: taken as already skull-stripped (%s); its non-zero voxels are the brain mask",
-                        img.get_filename() or "FLAIR", why)
             method = "none"
+            note = (f"taken as already skull-stripped ({why}): its voxels above 0 are the brain mask; check "
+                    "the brain-mask contour, and re-run with --skull-strip deepbet if skull or scalp is "
+                    "inside it (--skull-strip none skips this check)")
         else:
             method = "fsl" if fsl_available() else "deepbet"
     if method == "none":
@@ -73,22 +86,26 @@ def brain_mask(img: nib.Nifti1Image, method: str = "auto", work_dir: Path | None
     if not mask.any():
         raise InputDataError(f"brain extraction ({method}) returned an empty mask; try --skull-strip none "
                              "for skull-stripped inputs")
-    return mask, method
+    return mask, method, note
 
 
 def looks_skull_stripped(img: nib.Nifti1Image, data: np.ndarray | None = None) -> tuple[bool, str]:
     """Whether a FLAIR is already skull-stripped, and the evidence, in words.
 
-    Two tests, the cheap one first:
+    Three tests, the cheap ones first:
 
-    1. the background at the edges of the slices is zero: every voxel on the four faces of the
+    1. the FLAIR covers at least :data:`STRIPPED_MIN_SI_COVERAGE_MM` from inferior to superior
+       (on thinner slabs test 3 cannot tell);
+    2. the background at the edges of the slices is zero: every voxel on the four faces of the
        volume along the in-plane axes is 0 (to 0.1 % of the image maximum). After smriprep's
        ``_is_skull_stripped`` (fMRIPrep ``--skull-strip-t1w auto``), which tests all six faces;
        the top and bottom slices of a 2D FLAIR hold brain even when it is skull-stripped,
        so only the in-plane faces count. A raw head scan fails here (noise is not 0);
-    2. deepbet's bounding-box network calls at least :data:`STRIPPED_BRAIN_FRACTION` of the
-       non-zero voxels brain (:func:`~ms3seg_app.brain_extraction.brain_fraction`): a head
-       whose background was zeroed (defaced or registered images) fails here.
+    3. deepbet's bounding-box network calls at least :data:`STRIPPED_BRAIN_FRACTION` of the
+       voxels above 0 brain (:func:`~ms3seg_app.brain_extraction.brain_fraction`): a head
+       whose background was set to 0 (defaced or registered images) fails here.
+
+    A FLAIR that fails any test goes to brain extraction (FSL BET or deepbet): the safe side.
 
     Parameters
     ----------
@@ -100,12 +117,16 @@ def looks_skull_stripped(img: nib.Nifti1Image, data: np.ndarray | None = None) -
     -------
     (bool, str)
     """
+    from .checks import inferior_superior_axis
+
     data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32) if data is None else data)
     zooms = np.asarray(img.header.get_zooms()[:3], float)
-    if zooms.max() > 1.5 * zooms.min():  # 2D acquisition: the thick axis is the slice axis
-        slice_axis = int(np.argmax(zooms))
-    else:  # isotropic: the voxel axis closest to inferior-superior
-        slice_axis = int(np.argmax(np.abs(np.asarray(img.affine)[2, :3])))
+    si = inferior_superior_axis(img.affine)
+    extent = data.shape[si] * float(zooms[si])
+    if extent < STRIPPED_MIN_SI_COVERAGE_MM:
+        return False, f"covers {extent:.0f} mm from inferior to superior, too little to tell"
+    # 2D acquisition: the thick axis is the slice axis; isotropic: the inferior-superior one
+    slice_axis = int(np.argmax(zooms)) if zooms.max() > 1.5 * zooms.min() else si
     tol = 1e-3 * float(np.abs(data).max())
     for ax in (a for a in range(3) if a != slice_axis):
         for end in (0, -1):
@@ -115,8 +136,8 @@ def looks_skull_stripped(img: nib.Nifti1Image, data: np.ndarray | None = None) -
 
     frac = brain_fraction(img)
     if frac < STRIPPED_BRAIN_FRACTION:
-        return False, f"zero background, but deepbet calls only {frac:.2f} of the non-zero voxels brain"
-    return True, f"zero background, and deepbet calls {frac:.2f} of the non-zero voxels brain"
+        return False, f"zero background, but deepbet calls only {frac:.2f} of the voxels above 0 brain"
+    return True, f"zero background, and deepbet calls {frac:.2f} of the voxels above 0 brain"
 
 
 def _bet_deepbet(img: nib.Nifti1Image) -> np.ndarray:

@@ -22,6 +22,13 @@ MAX_DIM = 1024
 MIN_SI_COVERAGE_MM = 60.0
 
 
+def inferior_superior_axis(affine: np.ndarray) -> int:
+    """The voxel axis (0, 1 or 2) closest to inferior-superior in scanner RAS+ (nibabel's
+    ``io_orientation``)."""
+    ornt = nib.orientations.io_orientation(np.asarray(affine))
+    return int(np.nonzero(ornt[:, 0] == 2)[0][0])
+
+
 def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
     """Load and sanity-check a FLAIR; return it with a clean header (float32 data) and QC warnings.
 
@@ -89,8 +96,7 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
         raise InputDataError(f"{path}: the image is constant (every voxel {data.min():g}); it holds no MRI data.")
     if abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
         raise InputDataError(f"{path}: the affine is singular; fix the header (qform/sform).")
-    ornt = nib.orientations.io_orientation(img.affine)
-    si_axis = int(np.nonzero(ornt[:, 0] == 2)[0][0])
+    si_axis = inferior_superior_axis(img.affine)
     extent = data.shape[si_axis] * float(zooms[si_axis])
     if extent < MIN_SI_COVERAGE_MM:
         warnings.append(f"the FLAIR covers only {extent:.0f} mm from inferior to superior "
