@@ -188,8 +188,9 @@ def find_outputs(output_dir: Path, key: str) -> list[Path]:
 
 
 def flair_entities(path: Path | str) -> dict:
-    """BIDS entities (:data:`NAME_ENTITIES`) of a FLAIR or of one of its outputs, from its file name
-    (pybids ``parse_file_entities``)."""
+    """BIDS entities (:data:`NAME_ENTITIES`) of a FLAIR, of one of its outputs or of its
+    :func:`output_prefix`, from the file name alone (pybids ``parse_file_entities``; folders
+    never count)."""
     from bids.layout import parse_file_entities
 
     # pybids matches "sub-" after a path separator: the name alone, rooted, so folders never count

@@ -132,7 +132,8 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
     for f in files:
         df = pd.read_csv(f, sep="\t", dtype={k: str for k in KEYS}, keep_default_na=False, na_values=["n/a", ""])
         ents = flair_entities(f)
-        side = flair_outputs(ents, output_dir)["dseg_json"]
+        named = flair_outputs(ents, output_dir)
+        side = named["dseg_json"]
         try:
             meta = json.loads(side.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -154,8 +155,7 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         df["qc_incomplete"] = bool(missing)
         df["qc_incomplete_message"] = [_incomplete_message(missing, pid) if missing else ""
                                        for pid in df["participant_id"]]
-        report = Path(output_dir) / f"{df['prefix'].iloc[0]}.html"
-        df["report"] = report.name if report.is_file() else ""
+        df["report"] = named["report"].name if named["report"].is_file() else ""
         frames.append(df)
     if unchecked:
         LOGGER.warning("%d dseg sidecar(s) have no 'Outputs' list (written by an older ms3seg-app), so their "
@@ -426,7 +426,7 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
         except (OSError, KeyError, ValueError) as exc:  # colours only: the MS3SEG tri-mask's
             LOGGER.warning("class table not read (%s); the group report uses the MS3SEG colours", exc)
             classes = None
-        write_group_report(output_dir / "group.html", df, tests, bands, long, qc, classes=classes)
+        write_group_report(output_dir / GROUP_OUTPUTS["report"], df, tests, bands, long, qc, classes=classes)
     LOGGER.info("wrote %s (%d FLAIRs, %d QC entries, %d tests)", out, len(df), len(qc), len(tests))
     return out
 

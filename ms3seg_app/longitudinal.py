@@ -84,14 +84,15 @@ def register_labels(fixed_flair: Path, moving_flair: Path, moving_dseg: Path) ->
 
 
 def _paths(row, bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
-    """(input FLAIR, its tri-mask) of a group-table row; the tri-mask named by :mod:`derivatives`."""
+    """(input FLAIR, its tri-mask) of a group-table row; the tri-mask named by :mod:`derivatives`
+    from the row's output prefix (which holds the session even where the input's name omits it)."""
     from .derivatives import flair_entities, flair_outputs
 
     sub = row["participant_id"]
     ses = row["session_id"]
     rel = Path(sub) / (ses if ses != "n/a" else "") / "anat"
     return (Path(bids_dir) / rel / row["flair"],
-            flair_outputs(flair_entities(row["flair"]), output_dir)["dseg"])
+            flair_outputs(flair_entities(row["prefix"]), output_dir)["dseg"])
 
 
 def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path) -> pd.DataFrame:
