@@ -17,7 +17,8 @@
 # Environment:
 #   MS3SEG_SMOKE_CACHE  where the base rootfs is kept  (default /var/tmp/ms3seg-smoke)
 #   DEBIAN_MIRROR       (default http://deb.debian.org/debian)
-#   MS3SEG_IMAGE        tag of the built image          (default localhost/ms3seg:smoke)
+#   MS3SEG_IMAGE        tag of the built image          (default localhost/ms3seg:smoke-<hash of the
+#                       build context's files>: a changed tree is never run from a stale image)
 #   MS3SEG_REBUILD=1    build the image even if the tag exists
 set -euo pipefail
 
@@ -27,7 +28,18 @@ BIDS=${2:-$ROOT/bids_example}
 CACHE=${MS3SEG_SMOKE_CACHE:-/var/tmp/ms3seg-smoke}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE=localhost/ms3seg-base:bookworm
-IMAGE=${MS3SEG_IMAGE:-localhost/ms3seg:smoke}
+IMAGE=${MS3SEG_IMAGE:-}
+if [ -z "$IMAGE" ]; then
+  # tag by the content of the files the build context holds (git's tracked and untracked, not
+  # ignored): an image built from another tree is never reused; without git, always rebuild
+  if CTX=$(cd "$ROOT" && git ls-files -co --exclude-standard -z | sort -z | xargs -0 sha256sum | sha256sum) \
+      && [ -n "$CTX" ]; then
+    IMAGE=localhost/ms3seg:smoke-${CTX:0:16}
+  else
+    IMAGE=localhost/ms3seg:smoke
+    MS3SEG_REBUILD=1
+  fi
+fi
 # Without explicit limits the runtime asks for more than a sandbox allows: pass the current
 # hard limits (raising them is not permitted there).
 NOFILE=$(ulimit -Hn); NPROC=$(ulimit -Hu)
@@ -73,6 +85,9 @@ if [ "${MS3SEG_REBUILD:-0}" = 1 ] || ! podman image exists "$IMAGE"; then
   # docker format: the OCI format drops the SHELL instruction (bash with pipefail)
   buildah bud --isolation chroot --format docker "${ULIMITS[@]}" "${BUILD_ARGS[@]}" --layers \
     -t "$IMAGE" -f "$ROOT/Dockerfile" "$ROOT"
+  # smoke images of earlier trees only take disk space (their shared layers stay)
+  podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/ms3seg:smoke' | grep -vxF "$IMAGE" \
+    | xargs -r podman rmi >/dev/null 2>&1 || true
 fi
 
 # 3. run, read-only and non-root -----------------------------------------------------------
