@@ -268,10 +268,11 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     from .stages import brain_mask, coregister_to_flair, load_flair, n4_correct, restrict_to_brain
 
     card = predictor.card
-    if tuple(predictor.member_indices) != card.member_indices(options.members):
+    used = card.member_indices(options.members)
+    if tuple(predictor.member_indices) != used:
         # the sidecar, run key and report name the members from the options: they must be the ones run
         raise ValueError(f"the predictor runs members {predictor.member_indices} of {card.name}, the run options "
-                         f"name {card.member_indices(options.members)}")
+                         f"name {used}")
     img, warnings = timer.run("checks", load_flair, fi.path)
     seg_img = timer.run("n4", n4_correct, img) if options.n4 else img
     mask, method, note = timer.run("brain_extraction", brain_mask, seg_img, options.skull_strip, work_dir)
@@ -298,7 +299,6 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     space = {"SpatialReference": raw}
     software = "; ".join(f"{k} {v}" for k, v in sorted((card.data.get("software") or {}).items())
                          if k != "ms3seg_app")
-    used = card.member_indices(options.members)
     model_info = {"ModelName": card.name, "ModelSHA256": card.sha256, "ModelMembers": len(card.members),
                   "ModelMembersUsed": list(used),
                   "SkullStripping": method, "N4BiasCorrection": bool(options.n4),
@@ -380,8 +380,8 @@ def _provenance(card: ModelCard, options: RunOptions, method: str, coreg_methods
 
     cv = card.data.get("cross_validation", {}).get("mean", {})
     return {"ms3seg_app_version": __version__, "model_name": card.name, "model_sha256": card.sha256,
-            "ensemble_members": len(card.member_indices(options.members)), "card_members": len(card.members),
-            "members_used": list(card.member_indices(options.members)), "tta": options.tta, "skull_stripping": method,
+            "ensemble_members": len(used := card.member_indices(options.members)), "card_members": len(card.members),
+            "members_used": list(used), "tta": options.tta, "skull_stripping": method,
             "n4": options.n4, "coregistration": coreg_methods,
             "software": {k: str(v) for k, v in (card.data.get("software") or {}).items()},
             "cross_validation": cv, "lesion_definition": _lesion_definition(),
