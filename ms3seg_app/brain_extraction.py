@@ -5,7 +5,8 @@ Machine Learning Lab - University of Muenster; Fisch et al., Comput. Biol. Med. 
 segments the brain with two LinkNet3d networks shipped as TorchScript files.
 ``scripts/export_deepbet.py`` copied their parameters unchanged into
 ``ms3seg_app/data/deepbet/deepbet_1.0.2_linknet3d.npz``; this module rebuilds the
-architecture with Keras layers (TensorFlow is already a dependency of the app) and
+architecture as a function of those weights in ``keras.ops`` (TensorFlow is already a
+dependency of the app; one ``tf.function`` per network, :func:`_linknet3d`) and
 re-implements ``deepbet.bet.BrainExtraction.run`` step for step in NumPy/SciPy:
 
 1. reorient to the closest canonical (RAS) orientation, first volume of a 4D image,
@@ -42,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -49,7 +51,7 @@ from scipy import ndimage
 
 from .exceptions import InputDataError, ModelError
 
-__all__ = ["brain_fraction", "deepbet_mask"]
+__all__ = ["BoxStage", "box_stage", "brain_fraction", "deepbet_mask"]
 
 WEIGHTS_PATH = Path(__file__).resolve().parent / "data" / "deepbet" / "deepbet_1.0.2_linknet3d.npz"
 WEIGHTS_SHA256 = "4b7d84a7c05e981642496de8deb727e0c269e98f0bb59d5bd2ee54f493e42f60"
@@ -59,125 +61,164 @@ SHAPE = (256, 256, 256)  # model input (deepbet run_model shape)
 BBOX_MARGIN = 0.1
 _EPS = 1e-5  # torch.nn.InstanceNorm3d default
 
-_NETS: dict = {}  # net name -> (keras.Model, head weights, head bias), built once per process
+_NETS: dict = {}  # net name -> (forward function, head weights, head bias), made once per process
 _LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------- network
-def _build_linknet3d(name: str, params: dict[str, np.ndarray]):
-    """Keras rebuild of deepbet's traced ``LinkNet3d`` (channels-last, (N, D, H, W, C)).
+def _space_to_depth_conv(x, w: np.ndarray):
+    """deepbet's first convolution (1 -> C channels, 7^3 kernel, stride 2, padding 3, no bias).
 
-    PyTorch padding is symmetric, Keras ``"same"`` is not for stride 2, so every
-    strided convolution pads explicitly and transposed convolutions run ``"valid"``
-    and crop what PyTorch's ``padding``/``output_padding`` remove.
+    Computed as a 4^3 stride-1 convolution over the 2^3 space-to-depth rearrangement of the
+    padded input (8 channels), the kernel zero-padded to 8^3 and rearranged likewise: the same
+    sums, but oneDNN's direct convolution is poor at one input channel (256^3: 2.5 -> 0.7 s).
+
+    Parameters
+    ----------
+    x : tensor (N, D, H, W, 1) float32, even D, H, W
+    w : numpy.ndarray (C, 1, 7, 7, 7) float32, torch Conv3d layout (out, in, d, h, w)
+
+    Returns
+    -------
+    tensor (N, D/2, H/2, W/2, C): ``conv3d(pad(x, 3), w, stride 2)``.
+    """
+    from keras import ops
+
+    c = w.shape[0]
+    w8 = np.zeros((c, 8, 8, 8), np.float32)
+    w8[:, :7, :7, :7] = w[:, 0]
+    # (out, 4, 2, 4, 2, 4, 2) -> (4, 4, 4, 2, 2, 2, out) -> (4, 4, 4, 8, out), channel order of the rearrangement
+    kernel = w8.reshape(c, 4, 2, 4, 2, 4, 2).transpose(1, 3, 5, 2, 4, 6, 0).reshape(4, 4, 4, 8, c)
+    x = ops.pad(x, ((0, 0), (3, 3), (3, 3), (3, 3), (0, 0)))
+    s = ops.shape(x)
+    n, d, h, wd = s[0], s[1] // 2, s[2] // 2, s[3] // 2
+    x = ops.reshape(x, (n, d, 2, h, 2, wd, 2))
+    x = ops.reshape(ops.transpose(x, (0, 1, 3, 5, 2, 4, 6)), (n, d, h, wd, 8))
+    return ops.conv(x, kernel, strides=1, padding="valid")
+
+
+def _linknet3d(name: str, params: dict[str, np.ndarray]):
+    """deepbet's traced ``LinkNet3d`` as a function of its input, channels-last (N, D, H, W, C).
+
+    Written with ``keras.ops`` on the weights directly rather than as a ``keras.Model``:
+    building the two networks as Keras layers and tracing them through ``predict_on_batch``
+    took 3.3 s per process on 2 cores (pyinstrument, 2026-12-02), this traces in a fraction
+    of a second. On Keras' TensorFlow backend the function is one ``tf.function`` (a graph:
+    peak memory 1.7 GB at 256^3 instead of 3.2 GB eagerly), traced once for any input size.
+
+    PyTorch padding is symmetric, ``"same"`` is not for stride 2, so every strided
+    convolution pads explicitly, and transposed convolutions run ``"valid"`` and crop what
+    PyTorch's ``padding``/``output_padding`` remove.
+
+    Returns
+    -------
+    (forward, head_w, head_b)
+        ``forward(x (1, D, H, W, 1) float32) -> (1, D, H, W, 8)``: the input of deepbet's last
+        layer (even D, H, W); ``head_w`` (8, 8), ``head_b``: that layer as :func:`_head` takes it.
+
+    Raises
+    ------
+    ModelError
+        Parameters that do not fit the architecture.
     """
     import keras
-    from keras import layers, ops
+    from keras import ops
 
-    class InstanceNorm(layers.Layer):
-        """torch.nn.InstanceNorm3d(affine=False, track_running_stats=False)."""
+    called: set[str] = set()  # layers the forward pass uses (all of them must be)
 
-        def call(self, x):
-            mean, var = ops.moments(x, axes=[1, 2, 3], keepdims=True)
-            return (x - mean) * ops.rsqrt(var + _EPS)
-
-    used: set[str] = set()
+    # torch layouts -> Keras': Conv3d (out, in, d, h, w) and ConvTranspose3d (in, out, d, h, w)
+    # both -> (d, h, w, *, *) with the last two as keras.ops.conv / conv_transpose take them
+    layers = {}
+    for key in sorted({k.rsplit(".", 1)[0] for k in params}):
+        if key in ("init.0", "tp_conv2"):
+            continue
+        w = params[f"{key}.weight"]
+        b = params.get(f"{key}.bias")
+        layers[key] = (ops.convert_to_tensor(w.transpose(2, 3, 4, 1, 0)),
+                       None if b is None else ops.convert_to_tensor(b), w.shape[2])
 
     def conv(x, key, stride=1, pad=0, transposed=False, out_pad=0):
-        w = params[f"{key}.weight"]
-        used.add(f"{key}.weight")
-        bias = params.get(f"{key}.bias")
-        if bias is not None:
-            used.add(f"{key}.bias")
-        lname = f"{name}.{key}".replace(".", "_")
-        k = w.shape[2]
+        kernel, bias, k = layers[key]
+        called.add(key)
         if not transposed:
             if pad and (stride > 1 or 2 * pad != k - 1):
-                x = layers.ZeroPadding3D(pad, name=lname + "_pad")(x)
+                x = ops.pad(x, ((0, 0), (pad, pad), (pad, pad), (pad, pad), (0, 0)))
                 padding = "valid"
             else:
                 padding = "same" if pad else "valid"
-            layer = layers.Conv3D(w.shape[0], k, strides=stride, padding=padding, use_bias=bias is not None, name=lname)
-            kernel = w.transpose(2, 3, 4, 1, 0)  # (out, in, d, h, w) -> (d, h, w, in, out)
+            y = ops.conv(x, kernel, strides=stride, padding=padding)
         else:
-            layer = layers.Conv3DTranspose(w.shape[1], k, strides=stride, padding="valid", use_bias=bias is not None, name=lname)
-            kernel = w.transpose(2, 3, 4, 1, 0)  # (in, out, d, h, w) -> (d, h, w, out, in)
-        y = layer(x)
-        layer.set_weights([kernel] + ([bias] if bias is not None else []))
+            y = ops.conv_transpose(x, kernel, strides=stride, padding="valid")
+        if bias is not None:
+            y = y + bias
         if transposed:
             # valid output index v = stride*j + k; torch's is v - pad, length stride*(n-1) + k - 2*pad + out_pad
-            crop_end = pad - out_pad
-            if pad or crop_end:
-                y = layers.Cropping3D(((pad, crop_end),) * 3, name=lname + "_crop")(y)
+            end = pad - out_pad
+            if pad or end:
+                y = y[:, pad:-end or None, pad:-end or None, pad:-end or None]
         return y
 
+    def norm(y, relu=True):
+        # torch.nn.InstanceNorm3d(affine=False, track_running_stats=False)
+        mean, var = ops.moments(y, axes=[1, 2, 3], keepdims=True)
+        y = (y - mean) * ops.rsqrt(var + _EPS)
+        return ops.relu(y) if relu else y
+
     def cbr(x, key, relu=True, **kw):
-        y = InstanceNorm(name=f"{name}.{key}_in".replace(".", "_"))(conv(x, key, **kw))
-        return layers.ReLU()(y) if relu else y
+        return norm(conv(x, key, **kw), relu)
 
     def block(x, key, stride, downsample):
         y = cbr(x, f"{key}.double_conv.0", stride=stride, pad=1)
         y = cbr(y, f"{key}.double_conv.3", relu=False, pad=1)
         skip = cbr(x, f"{key}.downsample.0", relu=False, stride=2) if downsample else x
-        return layers.ReLU()(layers.Add()([y, skip]))
+        return ops.relu(y + skip)
 
     def up(x, key, stride):
         y = cbr(x, f"{key}.conv1.0")
         y = cbr(y, f"{key}.tp_conv.0", transposed=True, stride=stride, pad=1, out_pad=stride - 1)
         return cbr(y, f"{key}.conv2.0")
 
-    class SpaceToDepth(layers.Layer):
-        """Zero-pad 3 voxels per side, then fold each 2^3 block into 8 channels (even sizes)."""
-
-        def call(self, x):
-            x = ops.pad(x, ((0, 0), (3, 3), (3, 3), (3, 3), (0, 0)))
-            s = ops.shape(x)
-            n, d, h, w = s[0], s[1] // 2, s[2] // 2, s[3] // 2
-            x = ops.reshape(x, (n, d, 2, h, 2, w, 2))
-            return ops.reshape(ops.transpose(x, (0, 1, 3, 5, 2, 4, 6)), (n, d, h, w, 8))
-
-    def init_conv(x, key):
-        # 7^3 stride-2 conv of one channel == 4^3 stride-1 conv of the space-to-depth input
-        w = params[f"{key}.weight"]  # (16, 1, 7, 7, 7)
-        used.add(f"{key}.weight")
-        if f"{key}.bias" in params or w.shape[1:] != (1, 7, 7, 7):
-            raise ModelError(f"{WEIGHTS_PATH}: {key} is not the bias-free 1-channel 7^3 convolution the port expects")
-        w8 = np.zeros((w.shape[0], 8, 8, 8), np.float32)
-        w8[:, :7, :7, :7] = w[:, 0]
-        # (out, 4, 2, 4, 2, 4, 2) -> (4, 4, 4, 2, 2, 2, out) -> (4, 4, 4, 8, out), channel order of SpaceToDepth
-        kernel = w8.reshape(w.shape[0], 4, 2, 4, 2, 4, 2).transpose(1, 3, 5, 2, 4, 6, 0).reshape(4, 4, 4, 8, w.shape[0])
-        lname = f"{name}.{key}".replace(".", "_")
-        layer = layers.Conv3D(w.shape[0], 4, padding="valid", use_bias=False, name=lname)
-        y = layer(SpaceToDepth(name=lname + "_s2d")(x))
-        layer.set_weights([kernel])
-        return layers.ReLU()(InstanceNorm(name=lname + "_in")(y))
-
-    inp = keras.Input((None, None, None, 1), name=f"{name}_input")
-    x0 = init_conv(inp, "init.0")
-    # max pool k3 s2 p1 after ReLU: zero padding == torch's -inf padding since x >= 0
-    x0 = layers.MaxPooling3D(3, strides=2, padding="valid")(layers.ZeroPadding3D(1)(x0))
-    e = [x0]
-    for i in range(4):
-        h = block(e[-1], f"down{i}.block1", stride=1 if i == 0 else 2, downsample=i > 0)
-        e.append(block(h, f"down{i}.block2", stride=1, downsample=False))
-    d = layers.Add()([up(e[4], "up0", 2), e[3]])
-    d = layers.Add()([up(d, "up1", 2), e[2]])
-    d = layers.Add()([up(d, "up2", 2), e[1]])
-    d = layers.Add()([up(d, "up3", 1), e[0]])
-    y = cbr(d, "tp_conv1.0", transposed=True, stride=2, pad=1, out_pad=1)
-    y = cbr(y, "conv.0", pad=1)
+    w0 = params.get("init.0.weight")
+    if w0 is None or "init.0.bias" in params or w0.shape[1:] != (1, 7, 7, 7):
+        raise ModelError(f"{WEIGHTS_PATH}: init.0 is not the bias-free 1-channel 7^3 convolution the port expects")
     # the last layer, tp_conv2 (transposed 2^3 conv, stride 2) + softmax, runs in _head
-    w, b = params["tp_conv2.weight"], params["tp_conv2.bias"]  # (8, 2, 2, 2, 2): (in, out, d, h, w)
-    used.update(("tp_conv2.weight", "tp_conv2.bias"))
-    if w.shape[:2] != (8, 2) or w.shape[2:] != (2, 2, 2):
-        raise ModelError(f"{WEIGHTS_PATH}: tp_conv2 has shape {w.shape}, the port expects (8, 2, 2, 2, 2)")
-    if used != set(params):
-        raise ModelError(f"{WEIGHTS_PATH}: parameters {sorted(set(params) ^ used)} do not fit the LinkNet3d port")
+    w, b = params.get("tp_conv2.weight"), params.get("tp_conv2.bias")  # (8, 2, 2, 2, 2): (in, out, d, h, w)
+    if w is None or b is None or w.shape[:2] != (8, 2) or w.shape[2:] != (2, 2, 2):
+        raise ModelError(f"{WEIGHTS_PATH}: tp_conv2 is not the (8, 2, 2, 2, 2) transposed convolution the port expects")
+
+    def forward(x):
+        x0 = norm(_space_to_depth_conv(x, w0))
+        # max pool k3 s2 p1 after ReLU: zero padding == torch's -inf padding since x >= 0
+        x0 = ops.max_pool(ops.pad(x0, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0))), 3, strides=2, padding="valid")
+        e = [x0]
+        for i in range(4):
+            h = block(e[-1], f"down{i}.block1", stride=1 if i == 0 else 2, downsample=i > 0)
+            e.append(block(h, f"down{i}.block2", stride=1, downsample=False))
+        d = up(e[4], "up0", 2) + e[3]
+        d = up(d, "up1", 2) + e[2]
+        d = up(d, "up2", 2) + e[1]
+        d = up(d, "up3", 1) + e[0]
+        y = cbr(d, "tp_conv1.0", transposed=True, stride=2, pad=1, out_pad=1)
+        return cbr(y, "conv.0", pad=1)
+
+    run = forward
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # autograph=False: no tensor-dependent Python control flow to convert
+        run = tf.function(forward, input_signature=[tf.TensorSpec((1, None, None, None, 1), tf.float32)],
+                          autograph=False)
+    try:  # every layer's key and shapes: the graph is traced here, once (other backends: a small eager pass)
+        run.get_concrete_function() if run is not forward else forward(ops.zeros((1, 32, 32, 32, 1)))
+    except (KeyError, ValueError) as exc:
+        raise ModelError(f"{WEIGHTS_PATH}: {name} does not fit the LinkNet3d port ({exc})") from exc
+    if called != set(layers):
+        raise ModelError(f"{WEIGHTS_PATH}: parameters of {sorted(set(layers) - called)} do not fit the LinkNet3d port")
     # logit(foreground) - logit(background) of output voxel (2i+p, 2j+q, 2k+r) is
     # features[i, j, k] @ head_w[:, 4p + 2q + r] + head_b (softmax of two classes = sigmoid of the difference)
     head_w = (w[:, 1] - w[:, 0]).reshape(8, 8).astype(np.float32)
     head_b = np.float32(b[1] - b[0])
-    return keras.Model(inp, y, name=name), head_w, head_b
+    return run, head_w, head_b
 
 
 def _load_nets(net: str | None = None) -> dict:
@@ -201,7 +242,7 @@ def _load_nets(net: str | None = None) -> dict:
         for name in wanted:
             if name not in _NETS:
                 prefix = name + "/"
-                _NETS[name] = _build_linknet3d(name, {k[len(prefix):]: v for k, v in arrays.items()
+                _NETS[name] = _linknet3d(name, {k[len(prefix):]: v for k, v in arrays.items()
                                                       if k.startswith(prefix)})
         return _NETS
 
@@ -250,9 +291,8 @@ def _predict(net: str, x: np.ndarray, index: list[np.ndarray] | None = None) -> 
     """
     if any(n % 2 for n in x.shape):
         raise ValueError(f"deepbet's networks take even sizes here, got {x.shape}")
-    model, head_w, head_b = _load_nets(net)[net]
-    # predict_on_batch runs a compiled graph: peak memory 1.7 GB instead of 3.2 GB eagerly
-    features = np.asarray(model.predict_on_batch(x[None, ..., None].astype(np.float32, copy=False))[0])
+    forward, head_w, head_b = _load_nets(net)[net]
+    features = np.asarray(forward(x[None, ..., None].astype(np.float32, copy=False))[0])
     if index is None:
         index = [np.arange(n) for n in x.shape]
     return _head(features, head_w, head_b, index)
@@ -328,9 +368,38 @@ def _source(img) -> str:
 
 
 # ------------------------------------------------------------------------- public
-def _bbox_stage(img: nib.Nifti1Image, src: str):
-    """Steps 1-3 of deepbet: RAS data ``x`` (float32), quantiles ``low``/``high`` and the
-    bounding-box network's largest brain component at 128^3 (bool)."""
+class BoxStage(NamedTuple):
+    """Steps 1-3 of deepbet for one image (:func:`box_stage`), shared by :func:`brain_fraction`
+    and :func:`deepbet_mask` so that one FLAIR runs the bounding-box network once."""
+
+    #: float32 (I', J', K'): the image's data in RAS (closest canonical) order, NaN -> 0
+    x: np.ndarray
+    #: 0.5 % and 99.5 % quantiles of the 128^3 resampling (deepbet's normalisation)
+    low: np.float32
+    high: np.float32
+    #: bool (128, 128, 128): the bounding-box network's largest brain component
+    mask_small: np.ndarray
+
+
+def box_stage(img: nib.Nifti1Image) -> BoxStage:
+    """Steps 1-3 of deepbet: RAS data, quantiles and the bounding-box network's brain at 128^3.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image, 3D (or 4D: volume 0)
+
+    Returns
+    -------
+    BoxStage
+
+    Raises
+    ------
+    InputDataError
+        A constant image (no intensity range); the message names the file.
+    ModelError
+        The bundled weight file is missing or its sha256 does not match.
+    """
+    src = _source(img)
     canon = nib.as_closest_canonical(img)
     # np.asarray(dataobj) applies scl_slope/scl_inter like deepbet's get_fdata()
     x = np.asarray(canon.dataobj[..., 0] if len(canon.shape) == 4 else canon.dataobj, dtype=np.float32)
@@ -342,10 +411,10 @@ def _bbox_stage(img: nib.Nifti1Image, src: str):
             f"{src}: image intensities have no range (0.5-99.5 % quantiles both {low}); "
             "the file is empty or constant - check the conversion to NIfTI"
         )
-    return x, low, high, _largest_component(_predict("bbox_model", _normalize(x_small, low, high)) > 0.5)
+    return BoxStage(x, low, high, _largest_component(_predict("bbox_model", _normalize(x_small, low, high)) > 0.5))
 
 
-def brain_fraction(img: nib.Nifti1Image) -> float:
+def brain_fraction(img: nib.Nifti1Image, stage: BoxStage | None = None) -> float:
     """Fraction of the image's voxels above 0 that deepbet's bounding-box network calls brain.
 
     Near 1 for an image already skull-stripped (its voxels above 0 are the brain), well below
@@ -356,6 +425,8 @@ def brain_fraction(img: nib.Nifti1Image) -> float:
     Parameters
     ----------
     img : nibabel.Nifti1Image, 3D (or 4D: volume 0)
+    stage : BoxStage, optional
+        ``box_stage(img)``, if already computed.
 
     Returns
     -------
@@ -367,7 +438,7 @@ def brain_fraction(img: nib.Nifti1Image) -> float:
     InputDataError, ModelError
         As :func:`deepbet_mask` (e.g. a constant image).
     """
-    x, _, _, mask_small = _bbox_stage(img, _source(img))
+    x, _, _, mask_small = box_stage(img) if stage is None else stage
     positive = x > 0
     n = int(np.count_nonzero(positive))
     if n == 0:
@@ -376,7 +447,7 @@ def brain_fraction(img: nib.Nifti1Image) -> float:
     return inside / n
 
 
-def deepbet_mask(img: nib.Nifti1Image, threshold: float = 0.5) -> np.ndarray:
+def deepbet_mask(img: nib.Nifti1Image, threshold: float = 0.5, stage: BoxStage | None = None) -> np.ndarray:
     """Brain mask of a head MRI by deepbet 1.0.2's networks, run in Keras (no PyTorch).
 
     Reproduces ``deepbet.bet.BrainExtraction(no_gpu=True).run(img, threshold=threshold)``
@@ -396,6 +467,8 @@ def deepbet_mask(img: nib.Nifti1Image, threshold: float = 0.5) -> np.ndarray:
         (0.9 x 0.9 x 6.8-8.1 mm) its masks agree with FSL BET's at Dice 0.89-0.96.
     threshold : float, default 0.5
         Cut-off on the network's brain probability, in ``[0, 1)``.
+    stage : BoxStage, optional
+        ``box_stage(img)``, if already computed (e.g. by :func:`brain_fraction`'s caller).
 
     Returns
     -------
@@ -422,7 +495,7 @@ def deepbet_mask(img: nib.Nifti1Image, threshold: float = 0.5) -> np.ndarray:
             f"{src}: brain extraction needs a 3D (or 4D) head image, got shape {img.shape}; "
             "pass the FLAIR (or T1w) volume itself"
         )
-    x, low, high, mask_small = _bbox_stage(img, src)
+    x, low, high, mask_small = box_stage(img) if stage is None else stage
     bbox = _bbox_with_margin(mask_small, x.shape)
     if bbox is None or any(s.stop - s.start < 1 for s in bbox):
         raise InputDataError(

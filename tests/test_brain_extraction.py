@@ -170,18 +170,32 @@ def _weights(net):
 def test_space_to_depth_first_convolution_equals_the_strided_7cube_convolution(net):
     """deepbet's first layer (7^3, stride 2, padding 3) run as a 4^3 convolution of the
     space-to-depth input gives the plain convolution's output, before its instance norm."""
-    import keras
     import tensorflow as tf
 
-    model = be._load_nets()[net][0]
-    first = keras.Model(model.input, model.get_layer(f"{net}_init_0").output)
     x = np.random.default_rng(1).normal(0.45, 0.22, (1, 22, 30, 18, 1)).astype(np.float32)
-    w = _weights(net)["init.0.weight"].transpose(2, 3, 4, 1, 0)  # (16, 1, 7, 7, 7) -> (7, 7, 7, 1, 16)
+    w_torch = _weights(net)["init.0.weight"]  # (16, 1, 7, 7, 7)
+    w = w_torch.transpose(2, 3, 4, 1, 0)  # -> (7, 7, 7, 1, 16)
     xp = np.pad(x, ((0, 0), (3, 3), (3, 3), (3, 3), (0, 0)))
     want = tf.nn.conv3d(xp, w, strides=[1, 2, 2, 2, 1], padding="VALID").numpy()
-    got = np.asarray(first.predict_on_batch(x))
+    got = np.asarray(be._space_to_depth_conv(x, w_torch))
     assert got.shape == want.shape == (1, 11, 15, 9, 16)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+def test_network_refuses_parameters_that_do_not_fit():
+    """A missing layer, a layer the architecture does not use, or a changed first or last layer
+    is a ModelError naming the weights file, not a wrong mask."""
+    params = _weights("bbox_model")
+    missing = {k: v for k, v in params.items() if not k.startswith("up1.conv2.0.")}
+    with pytest.raises(ModelError, match="does not fit"):
+        be._linknet3d("bbox_model", missing)
+    extra = dict(params, **{"spare.0.weight": params["conv.0.weight"]})
+    with pytest.raises(ModelError, match=r"\['spare.0'\] do not fit"):
+        be._linknet3d("bbox_model", extra)
+    with pytest.raises(ModelError, match="init.0"):
+        be._linknet3d("bbox_model", dict(params, **{"init.0.bias": np.zeros(16, np.float32)}))
+    with pytest.raises(ModelError, match="tp_conv2"):
+        be._linknet3d("bbox_model", {k: v for k, v in params.items() if k != "tp_conv2.bias"})
 
 
 def test_head_equals_transposed_convolution_and_softmax_at_any_voxels():

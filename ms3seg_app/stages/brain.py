@@ -59,9 +59,9 @@ def brain_mask(img: nib.Nifti1Image, method: str = "auto",
         ``fsl`` requested without FSL, or an empty mask.
     """
     data = np.asarray(img.dataobj, dtype=np.float32)
-    note = None
+    note = stage = None
     if method == "auto":
-        stripped, why = looks_skull_stripped(img, data)
+        stripped, why, stage = _skull_stripped_evidence(img, data)
         LOGGER.debug("%s: skull-stripped input? %s (%s)", img.get_filename() or "FLAIR", stripped, why)
         if stripped:
             method = "none"
@@ -80,7 +80,7 @@ def brain_mask(img: nib.Nifti1Image, method: str = "auto",
                                  "install FSL or use --skull-strip deepbet")
         mask = _bet_fsl(img, work_dir)
     elif method == "deepbet":
-        mask = _bet_deepbet(img)
+        mask = _bet_deepbet(img, stage)
     else:
         raise ValueError(f"unknown skull-strip method {method!r}")
     if not mask.any():
@@ -117,34 +117,45 @@ def looks_skull_stripped(img: nib.Nifti1Image, data: np.ndarray | None = None) -
     -------
     (bool, str)
     """
+    stripped, why, _ = _skull_stripped_evidence(img, data)
+    return stripped, why
+
+
+def _skull_stripped_evidence(img: nib.Nifti1Image, data: np.ndarray | None = None):
+    """:func:`looks_skull_stripped`, and deepbet's first stage when test 3 ran it (else None),
+    so that brain extraction does not run the bounding-box network a second time."""
     from .checks import inferior_superior_axis
 
-    data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32) if data is None else data)
+    data = np.asarray(img.dataobj, dtype=np.float32) if data is None else data
+    if not np.isfinite(data).all():  # a copy only where there is something to replace
+        data = np.nan_to_num(data)
     zooms = np.asarray(img.header.get_zooms()[:3], float)
     si = inferior_superior_axis(img.affine)
     extent = data.shape[si] * float(zooms[si])
     if extent < STRIPPED_MIN_SI_COVERAGE_MM:
-        return False, f"covers {extent:.0f} mm from inferior to superior, too little to tell"
+        return False, f"covers {extent:.0f} mm from inferior to superior, too little to tell", None
     # 2D acquisition: the thick axis is the slice axis; isotropic: the inferior-superior one
     slice_axis = int(np.argmax(zooms)) if zooms.max() > 1.5 * zooms.min() else si
     tol = 1e-3 * float(np.abs(data).max())
     for ax in (a for a in range(3) if a != slice_axis):
         for end in (0, -1):
             if float(np.abs(np.take(data, end, axis=ax)).max()) > tol:
-                return False, "non-zero background at the edge of the slices"
-    from ..brain_extraction import brain_fraction
+                return False, "non-zero background at the edge of the slices", None
+    from ..brain_extraction import box_stage, brain_fraction
 
-    frac = brain_fraction(img)
+    stage = box_stage(img)
+    frac = brain_fraction(img, stage)
     if frac < STRIPPED_BRAIN_FRACTION:
-        return False, f"zero background, but deepbet calls only {frac:.2f} of the voxels above 0 brain"
-    return True, f"zero background, and deepbet calls {frac:.2f} of the voxels above 0 brain"
+        return False, f"zero background, but deepbet calls only {frac:.2f} of the voxels above 0 brain", stage
+    return True, f"zero background, and deepbet calls {frac:.2f} of the voxels above 0 brain", stage
 
 
-def _bet_deepbet(img: nib.Nifti1Image) -> np.ndarray:
-    """deepbet's networks (Fisch et al. 2024) in Keras: no PyTorch (:mod:`ms3seg_app.brain_extraction`)."""
+def _bet_deepbet(img: nib.Nifti1Image, stage=None) -> np.ndarray:
+    """deepbet's networks (Fisch et al. 2024) in Keras: no PyTorch (:mod:`ms3seg_app.brain_extraction`);
+    ``stage``: its first stage for ``img``, if the skull-stripped check already ran it."""
     from ..brain_extraction import deepbet_mask
 
-    mask = deepbet_mask(img)
+    mask = deepbet_mask(img, stage=stage)
     if mask.shape != img.shape:
         raise InputDataError(f"deepbet returned a mask of shape {mask.shape} for an image of {img.shape}")
     # deepbet resamples to 256^3 and back by nearest neighbour; fill slice holes left by it
