@@ -279,20 +279,24 @@ def test_inference_graph_of_the_unet_computes_the_network(use_bias, monkeypatch)
     import keras
     import tensorflow as tf
 
-    from ms3seg_app.model.predict import _stateless_graph, _unet_plan, fold_batch_norm
+    from ms3seg_app.model.predict import _stateless_graph, _unet_plan
     from ms3seg_app.model.unet import build_unet
 
     keras.utils.set_random_seed(6)
     model = build_unet((None, None, 1), base_filters=4, use_bias=use_bias)
     rng = np.random.default_rng(6)
     _random_statistics(model, rng, use_bias)
-    assert _unet_plan(fold_batch_norm(model)[0]) is not None
+    assert _unet_plan(model) is not None
     import ms3seg_app.model.unet as unet
 
     traced = []  # True for a call in a traced graph (the plan's probe passes NumPy arrays)
     real = unet.inference_forward
     monkeypatch.setattr(unet, "inference_forward",
                         lambda w, t, *a: traced.append(not isinstance(t, np.ndarray)) or real(w, t, *a))
+    import ms3seg_app.model.predict as predict
+
+    # the U-Net path folds from the network's own weights: no copy of the network is made
+    monkeypatch.setattr(predict, "fold_batch_norm", lambda m: pytest.fail("the U-Net was copied to be folded"))
     x = rng.random((3, 48, 80, 1)).astype(np.float32)
     spec = tf.TensorSpec([None, None, None, 1], tf.float32)
     tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
@@ -302,9 +306,10 @@ def test_inference_graph_of_the_unet_computes_the_network(use_bias, monkeypatch)
     np.testing.assert_allclose(np.asarray(_stateless_graph(model, spec, True)(tv, ntv, x)), 0.5 * (want + flipped),
                                atol=5e-5)
     assert any(traced), "the folded U-Net graph was not used"
+    monkeypatch.undo()
 
     model.get_layer("dec1_relu1").activation = keras.activations.get("tanh")  # same names, another function
-    assert _unet_plan(fold_batch_norm(model)[0]) is None  # caught by the numerical check
+    assert _unet_plan(model) is None  # caught by the numerical check
     np.testing.assert_allclose(np.asarray(_stateless_graph(model, spec, False)(tv, ntv, x)),
                                np.asarray(model(x, training=False)), atol=5e-5)
 

@@ -471,43 +471,58 @@ def fold_batch_norm(model):
             if plan[0] == "copy":
                 return _pick(tv, ntv, plan[1])
             kind, loc, eps = plan
-            s = ops.rsqrt(_pick(tv, ntv, loc["var"]) + eps)
-            if loc["gamma"] is not None:
-                s = s * _pick(tv, ntv, loc["gamma"])
-            if kind == "kernel":
-                return _pick(tv, ntv, loc["kernel"]) * s
-            b = (_pick(tv, ntv, loc["bias"]) if loc["bias"] is not None else 0.0) - _pick(tv, ntv, loc["mean"])
-            return b * s + (_pick(tv, ntv, loc["beta"]) if loc["beta"] is not None else 0.0)
+            return _folded(tv, ntv, loc, eps)[0 if kind == "kernel" else 1]
 
         return [make(p) for p in plans[0]], [make(p) for p in plans[1]]
 
     return folded, weights
 
 
+def _folded(tv, ntv, loc: dict, eps: float) -> tuple:
+    """``(kernel, bias)`` of a convolution with the batch norm after it folded in (Jacob et al.,
+    CVPR 2018, sec. 3.2): ``W' = W * s``, ``b' = (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)``.
+
+    ``loc`` locates ``kernel``, ``bias``, ``gamma``, ``beta``, ``mean`` and ``var`` in the
+    weight lists ``tv``/``ntv`` (:func:`_variable_locations`; None where the layer has none).
+    """
+    from keras import ops
+
+    s = ops.rsqrt(_pick(tv, ntv, loc["var"]) + eps)
+    if loc["gamma"] is not None:
+        s = s * _pick(tv, ntv, loc["gamma"])
+    b = (_pick(tv, ntv, loc["bias"]) if loc["bias"] is not None else 0.0) - _pick(tv, ntv, loc["mean"])
+    return (_pick(tv, ntv, loc["kernel"]) * s,
+            b * s + (_pick(tv, ntv, loc["beta"]) if loc["beta"] is not None else 0.0))
+
+
 def _stateless_graph(model, x_spec, tta: bool):
-    """``tf.function(weights, non-trainable weights, x) -> softmax`` of ``model``'s architecture,
-    batch norms folded into the convolutions before them (:func:`fold_batch_norm`); for
-    :func:`~ms3seg_app.model.unet.build_unet`'s architecture the decoder's up-sampling is
-    folded into its convolutions too (:func:`_unet_plan`)."""
+    """``tf.function(weights, non-trainable weights, x) -> softmax`` of ``model``'s architecture.
+
+    For :func:`~ms3seg_app.model.unet.build_unet`'s architecture (:func:`_unet_plan`) the
+    batch norms are folded into the convolutions before them and the decoder's up-sampling
+    into its convolutions, straight from ``model``'s weights; any other network runs as Keras
+    computes it, its batch norms folded (:func:`fold_batch_norm`, which copies the network:
+    0.4 s, so the U-Net path does without it).
+    """
     import tensorflow as tf
     from keras import ops
 
-    plan = fold_batch_norm(model)
+    unet = _unet_plan(model)
+    plan = fold_batch_norm(model) if unet is None else None
     net = plan[0] if plan else model
-    unet = _unet_plan(net) if plan else None
 
     def forward(tv, ntv, x):
-        if plan:
-            tv, ntv = plan[1](tv, ntv)
         if unet is not None:
             from .unet import inference_forward
 
             depth, where = unet
-            w = {name: tuple(_pick(tv, ntv, loc) for loc in locs) for name, locs in where.items()}
 
             def run(t):
-                return inference_forward(w, t, depth)
+                return inference_forward(_unet_weights(tv, ntv, where), t, depth)
         else:
+            if plan:
+                tv, ntv = plan[1](tv, ntv)
+
             def run(t):
                 return net.stateless_call(tv, ntv, t, training=False)[0]
         p = run(x)
@@ -523,20 +538,34 @@ def _stateless_graph(model, x_spec, tta: bool):
     return tf.function(forward, input_signature=spec, autograph=False)
 
 
-def _unet_plan(folded):
-    """``(depth, where)`` when a folded network is :func:`~ms3seg_app.model.unet.build_unet`'s
-    architecture, else None: ``where[name]`` locates each convolution's kernel and bias in
-    the folded network's (trainable, non-trainable) variable lists, as ``("t"|"n", index)``.
+def _unet_weights(tv, ntv, where: dict) -> dict:
+    """Layer name -> ``(kernel, bias)`` of every convolution of a :func:`_unet_plan`, batch norms
+    folded in, from the network's weight lists ``tv``/``ntv``."""
+    out = {}
+    for name, (loc, eps) in where.items():
+        if loc["var"] is None:  # no batch norm after it (the output convolution)
+            out[name] = (_pick(tv, ntv, loc["kernel"]), _pick(tv, ntv, loc["bias"]))
+        else:
+            out[name] = _folded(tv, ntv, loc, eps)
+    return out
 
-    Checked by layer names and types, then numerically: on a random probe (32x48 for depth 4) the
+
+def _unet_plan(model):
+    """``(depth, where)`` when ``model`` is :func:`~ms3seg_app.model.unet.build_unet`'s
+    architecture, else None: ``where[name] = (loc, eps)`` locates each convolution's kernel and
+    bias and the batch norm after it (``gamma``, ``beta``, ``mean``, ``var``; None where absent)
+    in the network's (trainable, non-trainable) variable lists, as ``("t"|"n", index)``, for
+    :func:`_unet_weights`.
+
+    Checked by layer names and types, then numerically: on a random probe (32x48 for depth 4)
     :func:`~ms3seg_app.model.unet.inference_forward` of the folded weights must match the
-    folded network within 1e-4, else (a changed architecture) None and Keras runs it as is.
+    network within 1e-4, else (a changed architecture) None and Keras runs it.
     """
     from keras import layers
 
     from .unet import inference_forward, layer_names
 
-    by_name = {layer.name: layer for layer in folded.layers}
+    by_name = {layer.name: layer for layer in model.layers}
     depth = sum(1 for n in by_name if n.startswith("pool"))
     names = layer_names(depth)
     kinds = {"conv": layers.Conv2D, "pool": layers.MaxPooling2D, "up": layers.UpSampling2D,
@@ -547,9 +576,11 @@ def _unet_plan(folded):
             kind = next(k for k in kinds if (k == "conv" and "_conv" in n) or n.startswith(k))
             if not isinstance(layer, kinds[kind]):
                 return None
-            if kind == "conv" and (tuple(layer.kernel_size) != (3, 3) or layer.padding != "same"
-                                   or tuple(layer.strides) != (1, 1) or not layer.use_bias):
-                return None
+            if kind == "conv":
+                bn = by_name[n.replace("_conv", "_bn")]
+                if (tuple(layer.kernel_size) != (3, 3) or layer.padding != "same" or tuple(layer.strides) != (1, 1)
+                        or not isinstance(bn, layers.BatchNormalization) or bn.axis not in (-1, 3)):
+                    return None
             if kind == "up" and (tuple(layer.size) != (2, 2) or layer.interpolation != "nearest"):
                 return None
             if kind == "pool" and (tuple(layer.pool_size) != (2, 2) or tuple(layer.strides) != (2, 2)):
@@ -559,21 +590,34 @@ def _unet_plan(folded):
             return None
     except (KeyError, StopIteration, AttributeError):
         return None
-    loc = _variable_locations(folded)
+    at = _variable_locations(model)
+
+    def loc(v):
+        return None if v is None else at[id(v)]
+
+    where = {}
     try:  # a kernel computed rather than held (e.g. quantised or LoRA layers): not this plan
-        where = {n: (loc[id(by_name[n].kernel)], loc[id(by_name[n].bias)]) for n in names
-                 if "conv" in n or n == "trimask"}
+        for n in names:
+            if "conv" not in n and n != "trimask":
+                continue
+            conv = by_name[n]
+            bn = by_name.get(n.replace("_conv", "_bn")) if n != "trimask" else None
+            where[n] = ({"kernel": loc(conv.kernel), "bias": loc(conv.bias if conv.use_bias else None),
+                         "gamma": loc(bn.gamma if bn is not None and bn.scale else None),
+                         "beta": loc(bn.beta if bn is not None and bn.center else None),
+                         "mean": loc(bn.moving_mean if bn is not None else None),
+                         "var": loc(bn.moving_variance if bn is not None else None)},
+                        bn.epsilon if bn is not None else None)
     except (KeyError, AttributeError):
         return None
-    # numerical check on a probe (the folded network's own weights stand in for any weights)
-    x = np.random.default_rng(0).random((1, 2 * 2 ** depth, 3 * 2 ** depth, folded.inputs[0].shape[-1]))
+    # numerical check on a probe (the network's own weights stand in for any weights)
+    x = np.random.default_rng(0).random((1, 2 * 2 ** depth, 3 * 2 ** depth, model.inputs[0].shape[-1]))
     x = x.astype(np.float32)
-    tv = [v.value for v in folded.trainable_variables]
-    ntv = [v.value for v in folded.non_trainable_variables]
-    w = {n: tuple(_pick(tv, ntv, loc) for loc in locs) for n, locs in where.items()}
-    want = np.asarray(folded.stateless_call(tv, ntv, x, training=False)[0])
-    if not np.allclose(np.asarray(inference_forward(w, x, depth)), want, atol=1e-4):
-        LOGGER.warning("network %s looks like build_unet's but computes otherwise; run as is", folded.name)
+    tv = [v.value for v in model.trainable_variables]
+    ntv = [v.value for v in model.non_trainable_variables]
+    want = np.asarray(model.stateless_call(tv, ntv, x, training=False)[0])
+    if not np.allclose(np.asarray(inference_forward(_unet_weights(tv, ntv, where), x, depth)), want, atol=1e-4):
+        LOGGER.warning("network %s looks like build_unet's but computes otherwise; run as is", model.name)
         return None
     return depth, where
 

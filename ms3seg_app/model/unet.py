@@ -121,7 +121,7 @@ def inference_forward(weights: dict, x, depth: int = 4):
     ----------
     weights : dict
         Layer name (:func:`layer_names`) -> ``(kernel, bias)`` of every convolution, batch
-        norms already folded in (:func:`ms3seg_app.model.predict.fold_batch_norm`).
+        norms already folded in (:func:`ms3seg_app.model.predict._unet_weights`).
     x : tensor (N, H, W, C) float32
         ``H`` and ``W`` divisible by ``2**depth``.
     depth : int
