@@ -22,3 +22,6 @@ CLASSES = {
     2: ("normal WMH", "NWMH", "#00ff00"),
     3: ("abnormal WMH", "AWMH", "#ff0000"),
 }
+#: Label value of each tri-mask class by abbreviation (``LABELS["AWMH"] == 3``): the defaults
+#: of functions that also take a model card's own values.
+LABELS = {abbr: index for index, (_, abbr, _) in CLASSES.items()}

@@ -182,9 +182,9 @@ def find_outputs(output_dir: Path, key: str) -> list[Path]:
     A path pattern rather than a pybids index: these are our own outputs with fixed names,
     and indexing a large output folder with pybids costs minutes.
     """
-    spec = OUTPUT_SPECS[key]
-    name = _build({"subject": "*"}, PATH_PATTERN, **spec).rsplit("/", 1)[-1]  # sub-*_space-orig_..._<suffix><ext>
-    return sorted(Path(output_dir).glob(f"sub-*/**/anat/{name.replace('sub-*_', '*_', 1)}"))
+    # the name's fixed tail (space-orig_..._<suffix><ext>) after any subject and optional entities
+    tail = _build({"subject": "X"}, PATH_PATTERN, **OUTPUT_SPECS[key]).rsplit("/", 1)[-1].removeprefix("sub-X_")
+    return sorted(Path(output_dir).glob(f"sub-*/**/anat/sub-*_{tail}"))
 
 
 def flair_entities(path: Path | str) -> dict:

@@ -406,11 +406,18 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
         LOGGER.warning("%d FLAIR(s) with incomplete results are left out of the statistics (see %s)",
                        len(df) - len(complete), QC_TABLE)
     tests, bands = statistics(complete)
+    from .derivatives import read_class_table
+
+    try:  # read once: lesion label of the longitudinal changes, colours of the report
+        classes = read_class_table(output_dir)
+    except (OSError, KeyError, ValueError) as exc:
+        LOGGER.warning("class table not read (%s): no lesion changes between sessions, MS3SEG colours in the group report", exc)
+        classes = None
     long = pd.DataFrame()
     if longitudinal:
         from .longitudinal import longitudinal_changes
 
-        long = longitudinal_changes(complete, bids_dir, output_dir)
+        long = longitudinal_changes(complete, bids_dir, output_dir, classes)
     out = output_dir / GROUP_TABLE
     atomic_write_text(out, _tsv(df))
     atomic_write_text(output_dir / STATS_TABLE, _tsv(tests))
@@ -418,14 +425,8 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
     atomic_write_text(output_dir / LONG_TABLE, _tsv(long))
     atomic_write_text(output_dir / QC_TABLE, _tsv(qc))
     if report:
-        from .derivatives import read_class_table
         from .reports.group import write_group_report
 
-        try:
-            classes = read_class_table(output_dir)
-        except (OSError, KeyError, ValueError) as exc:  # colours only: the MS3SEG tri-mask's
-            LOGGER.warning("class table not read (%s); the group report uses the MS3SEG colours", exc)
-            classes = None
         write_group_report(output_dir / GROUP_OUTPUTS["report"], df, tests, bands, long, qc, classes=classes)
     LOGGER.info("wrote %s (%d FLAIRs, %d QC entries, %d tests)", out, len(df), len(qc), len(tests))
     return out

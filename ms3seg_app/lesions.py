@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from . import LABELS
 from .distance import bounding_box, component_min_distance, label_counts
 from .lesion_definition import LESION
 
@@ -43,7 +44,7 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
 
 def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None = None,
                  awmh_prob: np.ndarray | None = None, uncertainty: np.ndarray | None = None,
-                 lesion_class: int = 3, ventricle_class: int = 1) -> pd.DataFrame:
+                 lesion_class: int = LABELS["AWMH"], ventricle_class: int = LABELS["VEN"]) -> pd.DataFrame:
     """One row per abnormal-WMH lesion (:data:`~ms3seg_app.lesion_definition.LESION`).
 
     Parameters
@@ -63,7 +64,8 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
         members certain of a lesion, half certain of none). NaN (``n/a``) without it: a
         single network has no spread.
     lesion_class, ventricle_class : int
-        Label values of abnormal WMH and ventricles (from the model card).
+        Label values of abnormal WMH and ventricles (from the model card; default the
+        MS3SEG tri-mask's, :data:`ms3seg_app.LABELS`).
 
     Returns
     -------

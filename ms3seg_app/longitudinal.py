@@ -95,8 +95,11 @@ def _paths(row, bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
             flair_outputs(flair_entities(row["prefix"]), output_dir)["dseg"])
 
 
-def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path) -> pd.DataFrame:
+def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path, classes=None) -> pd.DataFrame:
     """Change between consecutive sessions of every participant with several sessions.
+
+    ``classes``: the run's class table (:func:`~ms3seg_app.derivatives.read_class_table`), if
+    the caller has read it; else it is read here. Its lesion class is the label compared.
 
     Returns
     -------
@@ -111,7 +114,8 @@ def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path) -> 
     from .model.card import LESION_CLASS, class_index
 
     try:  # the lesion label of these outputs, from the class table their run wrote
-        lesion, why = class_index(read_class_table(output_dir), LESION_CLASS, str(Path(output_dir) / CLASS_TABLE)), ""
+        table = read_class_table(output_dir) if classes is None else classes
+        lesion, why = class_index(table, LESION_CLASS, str(Path(output_dir) / CLASS_TABLE)), ""
     except (OSError, ModelError, KeyError, ValueError) as exc:
         lesion, why = None, f"no lesion label ({exc})"
 

@@ -130,7 +130,7 @@ def _phantom(shift=(0, 0), new_lesion=False):
 
 
 @pytest.mark.parametrize("lesion_label", [3, 1, None])
-def test_longitudinal_registration_finds_the_new_lesion(tmp_path, lesion_label):
+def test_longitudinal_registration_finds_the_new_lesion(tmp_path, lesion_label, monkeypatch):
     """Lesion changes use the lesion label of the run's class table (desc-trimask_dseg.tsv):
     MS3SEG's 3, or 1 for a card that numbers the classes otherwise; without a table the
     volume changes are kept and the lesion changes say why they are missing."""
@@ -167,3 +167,10 @@ def test_longitudinal_registration_finds_the_new_lesion(tmp_path, lesion_label):
         return
     assert r["registration"] == "antspy-rigid"
     assert (r["n_new_lesions"], r["n_enlarging_lesions"]) == (1, 0)
+    # the group level passes the class table it has read: not read a second time, same changes
+    import ms3seg_app.derivatives as derivatives
+
+    classes = derivatives.read_class_table(out)
+    monkeypatch.setattr(derivatives, "read_class_table", lambda *a: pytest.fail("class table read twice"))
+    again = longitudinal_changes(pd.DataFrame(rows), bids, out, classes).iloc[0]
+    assert (again["n_new_lesions"], again["n_enlarging_lesions"]) == (1, 0)

@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .. import __version__
+from .. import LABELS, __version__
 from ..derivatives import atomic_write_text
 from ..model.card import LESION_CLASS, class_index
 from . import CSP_SCRIPT_PLACEHOLDER, class_colors, class_infos, env, finalize_csp, format_value, png_base64
@@ -481,7 +481,8 @@ def lesion_rows(lesions: pd.DataFrame, can_affine: np.ndarray) -> tuple[list[str
     return [LESION_COLUMNS.get(c, c.replace("_", " ")) for c in cols], rows, marks
 
 
-def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndarray, lesion_class: int = 3) -> dict:
+def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndarray,
+                lesion_class: int = LABELS["AWMH"]) -> dict:
     """Lesion-id positions on every axial slice a lesion spans (not only its centroid slice).
 
     Each lesion is matched to the 26-connected abnormal-WMH component holding its centroid
@@ -497,7 +498,7 @@ def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndar
     can_affine : ndarray, (4, 4)
         Voxel to mm of the RAS+ grid.
     lesion_class : int
-        Label value of abnormal WMH (from the model card).
+        Label value of abnormal WMH (from the model card; default the MS3SEG tri-mask's).
 
     Returns
     -------

@@ -184,7 +184,7 @@ def validate(data: Path, cv_dir: Path) -> dict:
     from .train import (EXTERNAL_HOLDOUT, VALIDATION_ONLY_SOURCES, default_card, evaluate_external, external_set,
                         load_development_data, load_external_data, summarise, TrainConfig)
     from ..evaluation.metrics import evaluate_dseg
-    from .. import CLASSES
+    from .. import CLASSES, LABELS
 
     t0 = time.time()
     folds = json.loads((Path(cv_dir) / "splits.json").read_text())["folds"]
@@ -206,7 +206,7 @@ def validate(data: Path, cv_dir: Path) -> dict:
                 for r in evaluate_dseg(dseg, v.labels, spacing, annotated=v.annotated):
                     frows.append({"fold": i, "subject": v.subject, "class_name": CLASSES[r["class"]][0],
                                   "variant": variant, **r})
-            les = [r for r in frows if r["subject"] == v.subject and r["class"] == 3 and r["variant"] == "post"]
+            les = [r for r in frows if r["subject"] == v.subject and r["class"] == LABELS["AWMH"] and r["variant"] == "post"]
             if les and les[0]["volume_true_ml"] > 0:
                 ratio_home.append(les[0]["volume_pred_ml"] / les[0]["volume_true_ml"])
             brain_p = v.extra.get("brain_mask")
