@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from . import LABELS
 from .distance import bounding_box, component_min_distance, label_counts

@@ -1,6 +1,7 @@
 """Issue 11: one source of truth (model card), a cache that cannot lie, one lesion definition."""
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -368,3 +369,26 @@ def test_fold_batch_norm_reads_any_functional_graph():
     want = model(x, training=False)
     for k in ("seg", "aux"):
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=1e-5)
+
+
+def test_training_modules_import_one_way():
+    """The command line imports the training library; the library never imports the command
+    line, and train.py (which validate.py and bids_data.py build on) imports neither of them,
+    so every import is at module level. The README's ``python -m ...train`` still runs it."""
+    import ast
+    import subprocess
+    import sys
+
+    import ms3seg_app.training as training
+
+    root = Path(training.__file__).parent
+    never = {"train": {"cli", "validate", "bids_data"}, "validate": {"cli", "bids_data"},
+             "bids_data": {"cli", "validate"}}
+    for mod, forbidden in never.items():
+        tree = ast.parse((root / f"{mod}.py").read_text())
+        body = [n for n in tree.body if not isinstance(n, ast.If)]  # `if __name__ == "__main__":` may run the CLI
+        used = {n.module for top in body for n in ast.walk(top)
+                if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+        assert not used & forbidden, (mod, used & forbidden)
+    out = subprocess.run([sys.executable, "-m", "ms3seg_app.training.train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "ensemble" in out.stdout and "bids" in out.stdout

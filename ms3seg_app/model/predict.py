@@ -409,7 +409,7 @@ def fold_batch_norm(model):
         never stale. None when nothing folds.
     """
     import keras
-    from keras import layers, ops
+    from keras import layers
 
     calls, uses = _functional_graph(model)
     by_name = {layer.name: layer for layer in model.layers}  # not ops (e.g. x + y) the config also lists

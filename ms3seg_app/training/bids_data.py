@@ -23,7 +23,9 @@ import numpy as np
 
 from ..derivatives import atomic_save_nifti, atomic_write_json, image_like
 from ..exceptions import InputDataError
+from .dataset import SliceSet, volume_to_slices
 from .readers import LabelledVolume
+from .train import default_card, fit, save_inference_model
 
 LOGGER = logging.getLogger("ms3seg.training")
 
@@ -119,8 +121,6 @@ def train_from_bids(bids_dir: Path, labels_dir: Path, out: Path, cfg, init: Path
     import copy
 
     from ..model.card import card_path_for, load_model, write_card, write_ensemble_card
-    from .dataset import SliceSet, volume_to_slices
-    from .train import default_card, fit, save_inference_model
 
     vols = read_bids_labelled(bids_dir, labels_dir)
     if init is not None:

@@ -36,6 +36,9 @@ import numpy as np
 from scipy import ndimage
 
 from ..lesion_definition import LESION
+from .dataset import png_slices_to_set
+from .train import (EXTERNAL_HOLDOUT, VALIDATION_ONLY_SOURCES, TrainConfig, default_card, evaluate_external,
+                    external_set, load_development_data, load_external_data, summarise)
 
 LOGGER = logging.getLogger("ms3seg.training")
 
@@ -150,8 +153,6 @@ def thin_vs_slab(models, card: dict, slices: list, half: int = 3) -> dict:
     import re
     from dataclasses import replace
 
-    from .dataset import png_slices_to_set
-    from .train import evaluate_external
 
     out = {}
     for src in sorted({s.source for s in slices}):
@@ -181,8 +182,6 @@ def validate(data: Path, cv_dir: Path) -> dict:
     -------
     dict with ``cross_validation`` (the card block) and ``generalisation``.
     """
-    from .train import (EXTERNAL_HOLDOUT, VALIDATION_ONLY_SOURCES, default_card, evaluate_external, external_set,
-                        load_development_data, load_external_data, summarise, TrainConfig)
     from ..evaluation.metrics import evaluate_dseg
     from .. import CLASSES, LABELS
 
@@ -293,7 +292,6 @@ def assemble_ensemble(data: Path, cv_dir: Path, dest: Path) -> Path:
     import shutil
 
     from ..model.card import CARD_SUFFIX, write_ensemble_card
-    from .train import TrainConfig, default_card
 
     models = _fold_models(cv_dir)
     hist = {i: json.loads((Path(cv_dir) / f"fold{i}_history.json").read_text()) for i in models}
