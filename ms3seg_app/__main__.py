@@ -1,5 +1,5 @@
 import sys
 
-from .cli.run import main
+from .cli.run import console
 
-sys.exit(main())
+sys.exit(console())

@@ -52,6 +52,23 @@ def test_help_and_version(capsys):
     assert "ms3seg-app" in capsys.readouterr().out
 
 
+def test_command_exits_fast_without_changing_main(monkeypatch):
+    """``ms3seg`` and ``python -m ms3seg_app`` run console(): main's exit code, then gc.freeze()
+    so that the interpreter's teardown skips the objects of TensorFlow (0.9 s per process);
+    main() itself, called in-process by tests and programs, does not freeze the collector."""
+    import gc
+    from importlib.metadata import entry_points
+
+    import ms3seg_app.cli.run as run
+
+    assert entry_points(group="console_scripts")["ms3seg"].value == "ms3seg_app.cli.run:console"
+    assert "console()" in (ROOT / "ms3seg_app" / "__main__.py").read_text()
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    monkeypatch.setattr(run, "main", lambda argv=None: 3)
+    assert run.console([]) == 3 and frozen == [True]
+
+
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("deriv")
