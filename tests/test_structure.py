@@ -311,6 +311,10 @@ def test_inference_graph_of_the_unet_computes_the_network(use_bias, monkeypatch)
 
     model.get_layer("dec1_relu1").activation = keras.activations.get("tanh")  # same names, another function
     assert _unet_plan(model) is None  # caught by the numerical check
+    model.get_layer("dec1_relu1").activation = keras.activations.get("relu")
+    assert _unet_plan(model) is not None
+    model.get_layer("enc0_conv1").activation = keras.activations.get("relu")  # conv -> ReLU -> batch norm
+    assert _unet_plan(model) is None  # refused by its settings
     np.testing.assert_allclose(np.asarray(_stateless_graph(model, spec, False)(tv, ntv, x)),
                                np.asarray(model(x, training=False)), atol=5e-5)
 
@@ -338,9 +342,10 @@ def test_batch_norms_folded_into_convolutions_compute_the_same_network(use_bias)
 
 
 def test_fold_batch_norm_reads_any_functional_graph():
-    """Batch norms after an op (x + y) or after a convolution used twice stay; named (dict)
-    outputs are read; the folded network computes the same; a conv feeding only its batch
-    norm is folded."""
+    """Batch norms after an op (x + y), after a convolution used twice or after a convolution
+    with its own activation stay; named (dict) outputs are read; the folded network computes
+    the same; a conv feeding only its batch norm is folded, also a batch norm without scale
+    and centre."""
     import keras
     from keras import layers
 
@@ -349,8 +354,10 @@ def test_fold_batch_norm_reads_any_functional_graph():
     keras.utils.set_random_seed(3)
     inp = keras.Input((None, None, 1))
     a = layers.Conv2D(4, 3, padding="same", name="a")(inp)
-    a_bn = layers.BatchNormalization(name="a_bn")(a)            # foldable
-    b = layers.Conv2D(4, 3, padding="same", name="b")(a_bn)
+    a_bn = layers.BatchNormalization(scale=False, center=False, name="a_bn")(a)  # foldable
+    c = layers.Conv2D(4, 3, padding="same", activation="relu", name="c")(a_bn)
+    c_bn = layers.BatchNormalization(name="c_bn")(c)            # after an activation: not foldable
+    b = layers.Conv2D(4, 3, padding="same", name="b")(c_bn)
     b_bn = layers.BatchNormalization(name="b_bn")(b)            # b is also used below: not foldable
     s = layers.BatchNormalization(name="s_bn")(b + a_bn)        # after an op, not a layer
     out = layers.Conv2D(2, 1, name="out")(layers.Concatenate()([b_bn, s, b]))
@@ -362,7 +369,7 @@ def test_fold_batch_norm_reads_any_functional_graph():
             layer.moving_variance.assign(rng.uniform(0.5, 2, 4).astype(np.float32))
     folded, weights = fold_batch_norm(model)
     kept = {la.name for la in folded.layers if isinstance(la, layers.BatchNormalization)}
-    assert kept == {"b_bn", "s_bn"}
+    assert kept == {"b_bn", "s_bn", "c_bn"}
     x = rng.random((1, 16, 16, 1)).astype(np.float32)
     tv, ntv = weights([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
     got, _ = folded.stateless_call(tv, ntv, x, training=False)
@@ -386,9 +393,15 @@ def test_training_modules_import_one_way():
              "bids_data": {"cli", "validate"}}
     for mod, forbidden in never.items():
         tree = ast.parse((root / f"{mod}.py").read_text())
-        body = [n for n in tree.body if not isinstance(n, ast.If)]  # `if __name__ == "__main__":` may run the CLI
-        used = {n.module for top in body for n in ast.walk(top)
-                if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+        main_block = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+        used = set()
+        for n in ast.walk(ast.Module([t for t in tree.body if t not in main_block], [])):
+            if isinstance(n, ast.ImportFrom) and n.level == 1:  # from .x import y / from . import x
+                used |= {n.module} if n.module else {a.name for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and (n.module or "").startswith("ms3seg_app.training."):
+                used.add(n.module.rsplit(".", 1)[1])
+            elif isinstance(n, ast.Import):
+                used |= {a.name.rsplit(".", 1)[1] for a in n.names if a.name.startswith("ms3seg_app.training.")}
         assert not used & forbidden, (mod, used & forbidden)
     out = subprocess.run([sys.executable, "-m", "ms3seg_app.training.train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "ensemble" in out.stdout and "bids" in out.stdout
