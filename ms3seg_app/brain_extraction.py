@@ -59,6 +59,7 @@ WEIGHTS_SHA256 = "4b7d84a7c05e981642496de8deb727e0c269e98f0bb59d5bd2ee54f493e42f
 SMALL_SHAPE = (128, 128, 128)  # bbox_model input (deepbet run_model small_shape)
 SHAPE = (256, 256, 256)  # model input (deepbet run_model shape)
 BBOX_MARGIN = 0.1
+NET_STRIDE = 32  # LinkNet3d's total down-sampling: its skip connections line up for multiples of it
 _EPS = 1e-5  # torch.nn.InstanceNorm3d default
 
 _NETS: dict = {}  # net name -> (forward function, head weights, head bias), made once per process
@@ -102,9 +103,10 @@ def _linknet3d(name: str, params: dict[str, np.ndarray]):
 
     Written with ``keras.ops`` on the weights directly rather than as a ``keras.Model``:
     building the two networks as Keras layers and tracing them through ``predict_on_batch``
-    took 3.3 s per process on 2 cores (pyinstrument, 2026-12-02), this traces in a fraction
-    of a second. On Keras' TensorFlow backend the function is one ``tf.function`` (a graph:
-    peak memory 1.7 GB at 256^3 instead of 3.2 GB eagerly), traced once for any input size.
+    took 2.3-3.0 s per process on 2 cores, this about 1.2 s (2026-12-02), with identical
+    outputs. On Keras' TensorFlow backend the function is one ``tf.function`` (a graph, as
+    ``predict_on_batch`` ran: eagerly the 256^3 network peaked at 3.2 GB; the whole 3D
+    benchmark run peaks at about 1.5 GB with this graph), traced once for any input size.
 
     PyTorch padding is symmetric, ``"same"`` is not for stride 2, so every strided
     convolution pads explicitly, and transposed convolutions run ``"valid"`` and crop what
@@ -113,8 +115,9 @@ def _linknet3d(name: str, params: dict[str, np.ndarray]):
     Returns
     -------
     (forward, head_w, head_b)
-        ``forward(x (1, D, H, W, 1) float32) -> (1, D, H, W, 8)``: the input of deepbet's last
-        layer (even D, H, W); ``head_w`` (8, 8), ``head_b``: that layer as :func:`_head` takes it.
+        ``forward(x (1, D, H, W, 1) float32) -> (1, D/2, H/2, W/2, 8)``: the input of deepbet's
+        last layer, for D, H, W multiples of :data:`NET_STRIDE`; ``head_w`` (8, 8), ``head_b``:
+        that layer as :func:`_head` takes it.
 
     Raises
     ------
@@ -129,11 +132,10 @@ def _linknet3d(name: str, params: dict[str, np.ndarray]):
     # torch layouts -> Keras': Conv3d (out, in, d, h, w) and ConvTranspose3d (in, out, d, h, w)
     # both -> (d, h, w, *, *) with the last two as keras.ops.conv / conv_transpose take them
     layers = {}
-    for key in sorted({k.rsplit(".", 1)[0] for k in params}):
-        if key in ("init.0", "tp_conv2"):
-            continue
-        w = params[f"{key}.weight"]
-        b = params.get(f"{key}.bias")
+    for key in sorted({k.rsplit(".", 1)[0] for k in params} - {"init.0", "tp_conv2"}):
+        w, b = params.get(f"{key}.weight"), params.get(f"{key}.bias")
+        if w is None or w.ndim != 5:
+            raise ModelError(f"{WEIGHTS_PATH}: {name} layer {key} has no 3D convolution weight")
         layers[key] = (ops.convert_to_tensor(w.transpose(2, 3, 4, 1, 0)),
                        None if b is None else ops.convert_to_tensor(b), w.shape[2])
 
@@ -212,8 +214,11 @@ def _linknet3d(name: str, params: dict[str, np.ndarray]):
         run.get_concrete_function() if run is not forward else forward(ops.zeros((1, 32, 32, 32, 1)))
     except (KeyError, ValueError) as exc:
         raise ModelError(f"{WEIGHTS_PATH}: {name} does not fit the LinkNet3d port ({exc})") from exc
-    if called != set(layers):
-        raise ModelError(f"{WEIGHTS_PATH}: parameters of {sorted(set(layers) - called)} do not fit the LinkNet3d port")
+    used = {"init.0.weight", "tp_conv2.weight", "tp_conv2.bias"} | {f"{k}.weight" for k in called} | {
+        f"{k}.bias" for k in called if layers[k][1] is not None}
+    if used != set(params):  # every parameter of the file is used, none twice-named or left over
+        raise ModelError(f"{WEIGHTS_PATH}: parameters {sorted(set(params) - used)} of {name} do not fit the "
+                         "LinkNet3d port")
     # logit(foreground) - logit(background) of output voxel (2i+p, 2j+q, 2k+r) is
     # features[i, j, k] @ head_w[:, 4p + 2q + r] + head_b (softmax of two classes = sigmoid of the difference)
     head_w = (w[:, 1] - w[:, 0]).reshape(8, 8).astype(np.float32)
@@ -257,7 +262,7 @@ def _head(features: np.ndarray, head_w: np.ndarray, head_b: np.float32, index: l
         stride 2), whose output grid is ``(2D, 2H, 2W)``.
     head_w, head_b : numpy.ndarray, numpy.float32
         ``(8, 8)`` logit-difference weights (input channel, ``4p + 2q + r`` for the output
-        offset ``(p, q, r)`` in its 2^3 block) and bias, from :func:`_build_linknet3d`.
+        offset ``(p, q, r)`` in its 2^3 block) and bias, from :func:`_linknet3d`.
     index : list of three int arrays
         Output-grid indices per axis (each in ``[0, 2n)``).
 
@@ -286,11 +291,12 @@ def _head(features: np.ndarray, head_w: np.ndarray, head_b: np.float32, index: l
 def _predict(net: str, x: np.ndarray, index: list[np.ndarray] | None = None) -> np.ndarray:
     """Foreground probability (channel 1 of the softmax) of network *net* on a 3D float32 volume.
 
-    ``x`` has even sizes (deepbet runs at 128^3 and 256^3); the output has ``x``'s shape,
-    or with ``index`` (per-axis voxel indices) only those voxels, as ``y[np.ix_(*index)]``.
+    ``x`` has sizes that are multiples of :data:`NET_STRIDE` (deepbet runs at 128^3 and
+    256^3); the output has ``x``'s shape, or with ``index`` (per-axis voxel indices) only
+    those voxels, as ``y[np.ix_(*index)]``. ValueError for other sizes.
     """
-    if any(n % 2 for n in x.shape):
-        raise ValueError(f"deepbet's networks take even sizes here, got {x.shape}")
+    if any(n % NET_STRIDE for n in x.shape):
+        raise ValueError(f"deepbet's networks take sizes that are multiples of {NET_STRIDE}, got {x.shape}")
     forward, head_w, head_b = _load_nets(net)[net]
     features = np.asarray(forward(x[None, ..., None].astype(np.float32, copy=False))[0])
     if index is None:
@@ -414,6 +420,20 @@ def box_stage(img: nib.Nifti1Image) -> BoxStage:
     return BoxStage(x, low, high, _largest_component(_predict("bbox_model", _normalize(x_small, low, high)) > 0.5))
 
 
+def _stage_for(img: nib.Nifti1Image, stage: BoxStage | None) -> BoxStage:
+    """``stage`` if given (ValueError when its data cannot be ``img``'s: another shape in RAS
+    order), else ``box_stage(img)``."""
+    if stage is None:
+        return box_stage(img)
+    ras_shape = [0, 0, 0]
+    for axis, (ras_axis, _) in enumerate(nib.io_orientation(img.affine)):
+        ras_shape[int(ras_axis)] = img.shape[axis]
+    if tuple(stage.x.shape) != tuple(ras_shape):
+        raise ValueError(f"a BoxStage of shape {stage.x.shape} was passed for an image of RAS shape "
+                         f"{tuple(ras_shape)}: it belongs to another image")
+    return stage
+
+
 def brain_fraction(img: nib.Nifti1Image, stage: BoxStage | None = None) -> float:
     """Fraction of the image's voxels above 0 that deepbet's bounding-box network calls brain.
 
@@ -426,7 +446,7 @@ def brain_fraction(img: nib.Nifti1Image, stage: BoxStage | None = None) -> float
     ----------
     img : nibabel.Nifti1Image, 3D (or 4D: volume 0)
     stage : BoxStage, optional
-        ``box_stage(img)``, if already computed.
+        ``box_stage(img)``, if already computed (ValueError if its shape shows it is another image's).
 
     Returns
     -------
@@ -438,7 +458,7 @@ def brain_fraction(img: nib.Nifti1Image, stage: BoxStage | None = None) -> float
     InputDataError, ModelError
         As :func:`deepbet_mask` (e.g. a constant image).
     """
-    x, _, _, mask_small = box_stage(img) if stage is None else stage
+    x, _, _, mask_small = _stage_for(img, stage)
     positive = x > 0
     n = int(np.count_nonzero(positive))
     if n == 0:
@@ -468,7 +488,8 @@ def deepbet_mask(img: nib.Nifti1Image, threshold: float = 0.5, stage: BoxStage |
     threshold : float, default 0.5
         Cut-off on the network's brain probability, in ``[0, 1)``.
     stage : BoxStage, optional
-        ``box_stage(img)``, if already computed (e.g. by :func:`brain_fraction`'s caller).
+        ``box_stage(img)``, if already computed (e.g. by :func:`brain_fraction`'s caller);
+        ValueError if its shape shows it is another image's.
 
     Returns
     -------
@@ -495,7 +516,7 @@ def deepbet_mask(img: nib.Nifti1Image, threshold: float = 0.5, stage: BoxStage |
             f"{src}: brain extraction needs a 3D (or 4D) head image, got shape {img.shape}; "
             "pass the FLAIR (or T1w) volume itself"
         )
-    x, low, high, mask_small = box_stage(img) if stage is None else stage
+    x, low, high, mask_small = _stage_for(img, stage)
     bbox = _bbox_with_margin(mask_small, x.shape)
     if bbox is None or any(s.stop - s.start < 1 for s in bbox):
         raise InputDataError(

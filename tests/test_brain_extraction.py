@@ -190,8 +190,13 @@ def test_network_refuses_parameters_that_do_not_fit():
     with pytest.raises(ModelError, match="does not fit"):
         be._linknet3d("bbox_model", missing)
     extra = dict(params, **{"spare.0.weight": params["conv.0.weight"]})
-    with pytest.raises(ModelError, match=r"\['spare.0'\] do not fit"):
+    with pytest.raises(ModelError, match=r"\['spare.0.weight'\] of bbox_model do not fit"):
         be._linknet3d("bbox_model", extra)
+    # a parameter a used layer does not take, and a layer with a bias but no weight
+    with pytest.raises(ModelError, match=r"\['conv.0.running_mean'\]"):
+        be._linknet3d("bbox_model", dict(params, **{"conv.0.running_mean": params["conv.0.bias"]}))
+    with pytest.raises(ModelError, match="spare.1 has no 3D convolution weight"):
+        be._linknet3d("bbox_model", dict(params, **{"spare.1.bias": params["conv.0.bias"]}))
     with pytest.raises(ModelError, match="init.0"):
         be._linknet3d("bbox_model", dict(params, **{"init.0.bias": np.zeros(16, np.float32)}))
     with pytest.raises(ModelError, match="tp_conv2"):
@@ -224,8 +229,22 @@ def test_head_equals_transposed_convolution_and_softmax_at_any_voxels():
 
 
 def test_predict_on_odd_sizes_is_refused():
-    with pytest.raises(ValueError, match="even sizes"):
+    with pytest.raises(ValueError, match="multiples of 32"):
         be._predict("bbox_model", np.zeros((64, 63, 64), np.float32))
+    with pytest.raises(ValueError, match="multiples of 32"):  # even, but the skips would not line up
+        be._predict("bbox_model", np.zeros((64, 48, 64), np.float32))
+
+
+def test_a_first_stage_of_another_image_is_refused():
+    """The bounding-box stage passed on from the skull-stripped check must be the image's own."""
+    img, _ = synthetic_head()
+    other, _ = synthetic_head(shape=(96, 96, 20))
+    stage = be.box_stage(img)
+    with pytest.raises(ValueError, match="another image"):
+        be.deepbet_mask(other, stage=stage)
+    with pytest.raises(ValueError, match="another image"):
+        be.brain_fraction(other, stage)
+    assert be.brain_fraction(img, stage) == be.brain_fraction(img)
 
 
 # ----------------------------------------------------- pieces against deepbet/torch

@@ -70,6 +70,8 @@ def brain_mask(img: nib.Nifti1Image, method: str = "auto",
                     "inside it (--skull-strip none skips this check)")
         else:
             method = "fsl" if fsl_available() else "deepbet"
+    if method != "deepbet":
+        stage = None  # deepbet's first stage (a float32 copy of the volume) is only for deepbet
     if method == "none":
         mask = data > 0
         for k in range(mask.shape[2]):
