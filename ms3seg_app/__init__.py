@@ -25,3 +25,6 @@ CLASSES = {
 #: Label value of each tri-mask class by abbreviation (``LABELS["AWMH"] == 3``): the defaults
 #: of functions that also take a model card's own values.
 LABELS = {abbr: index for index, (_, abbr, _) in CLASSES.items()}
+#: Abbreviation of the MS-lesion class (abnormal WMH): the class of the lesion table, the
+#: lesion burden and the per-voxel uncertainty map.
+LESION_CLASS = "AWMH"

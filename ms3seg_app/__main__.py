@@ -1,5 +1,5 @@
 import sys
 
-from .cli.run import console
+from .cli.run import command
 
-sys.exit(console())
+sys.exit(command())

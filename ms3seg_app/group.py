@@ -408,11 +408,14 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
     tests, bands = statistics(complete)
     from .derivatives import read_class_table
 
-    try:  # read once: lesion label of the longitudinal changes, colours of the report
-        classes = read_class_table(output_dir)
-    except (OSError, KeyError, ValueError) as exc:
-        LOGGER.warning("class table not read (%s): no lesion changes between sessions, MS3SEG colours in the group report", exc)
-        classes = None
+    classes = None
+    if longitudinal or report:
+        try:  # read once: lesion label of the longitudinal changes, colours of the report
+            classes = read_class_table(output_dir)
+        except (OSError, KeyError, ValueError) as exc:
+            LOGGER.warning("class table not read (%s):%s%s", exc,
+                           " no lesion changes between sessions;" if longitudinal else "",
+                           " the group report uses the MS3SEG colours" if report else "")
     long = pd.DataFrame()
     if longitudinal:
         from .longitudinal import longitudinal_changes

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import LABELS
+from . import LABELS, LESION_CLASS
 from .distance import bounding_box, component_min_distance, label_counts
 from .lesion_definition import LESION
 
@@ -43,7 +43,7 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
 
 def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None = None,
                  awmh_prob: np.ndarray | None = None, uncertainty: np.ndarray | None = None,
-                 lesion_class: int = LABELS["AWMH"], ventricle_class: int = LABELS["VEN"]) -> pd.DataFrame:
+                 lesion_class: int = LABELS[LESION_CLASS], ventricle_class: int = LABELS["VEN"]) -> pd.DataFrame:
     """One row per abnormal-WMH lesion (:data:`~ms3seg_app.lesion_definition.LESION`).
 
     Parameters
@@ -139,7 +139,7 @@ def volume_table(dseg: np.ndarray, affine: np.ndarray, lesions: pd.DataFrame,
     lesions : DataFrame from :func:`lesion_table`
     brain_mask : ndarray (I, J, K) bool, optional
     card : ModelCard, optional
-        Gives the label values of VEN, NWMH and AWMH (default 1, 2, 3).
+        Gives the label values of VEN, NWMH and AWMH (default the MS3SEG tri-mask's, :data:`ms3seg_app.LABELS`).
 
     Returns
     -------
@@ -149,10 +149,7 @@ def volume_table(dseg: np.ndarray, affine: np.ndarray, lesions: pd.DataFrame,
     periventricular, juxtacortical and deep lesions (share of lesion volume).
     """
     ml = voxel_volume_mm3(affine) / 1000.0
-    from .model.card import LESION_CLASS
-
-    idx = {a: (card.class_index(a) if card is not None else i)
-           for a, i in (("VEN", 1), ("NWMH", 2), (LESION_CLASS, 3))}
+    idx = {a: (card.class_index(a) if card is not None else LABELS[a]) for a in ("VEN", "NWMH", LESION_CLASS)}
     counts = label_counts(dseg, max(idx.values()) + 1)  # no int64 copy of the volume
     out = {
         "ventricles_ml": float(counts[idx["VEN"]] * ml),

@@ -52,8 +52,8 @@ def test_help_and_version(capsys):
     assert "ms3seg-app" in capsys.readouterr().out
 
 
-def test_command_exits_fast_without_changing_main(monkeypatch):
-    """``ms3seg`` and ``python -m ms3seg_app`` run console(): main's exit code, then gc.freeze()
+def test_command_exits_fast_without_changing_main(monkeypatch, tmp_path):
+    """``ms3seg`` and ``python -m ms3seg_app`` run command(): main's exit code, then gc.freeze()
     so that the interpreter's teardown skips the objects of TensorFlow (0.9 s per process);
     main() itself, called in-process by tests and programs, does not freeze the collector."""
     import gc
@@ -61,12 +61,14 @@ def test_command_exits_fast_without_changing_main(monkeypatch):
 
     import ms3seg_app.cli.run as run
 
-    assert entry_points(group="console_scripts")["ms3seg"].value == "ms3seg_app.cli.run:console"
-    assert "console()" in (ROOT / "ms3seg_app" / "__main__.py").read_text()
+    assert entry_points(group="console_scripts")["ms3seg"].value == "ms3seg_app.cli.run:command"
+    assert "command()" in (ROOT / "ms3seg_app" / "__main__.py").read_text()
     frozen = []
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    assert run.main([str(EXAMPLE), str(tmp_path / "empty"), "group"]) == 1  # a run to its end
+    assert frozen == []  # main() alone leaves the collector as it is
     monkeypatch.setattr(run, "main", lambda argv=None: 3)
-    assert run.console([]) == 3 and frozen == [True]
+    assert run.command([]) == 3 and frozen == [True]
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             console.close()
 
 
-def console(argv=None) -> int:
+def command(argv=None) -> int:
     """The ``ms3seg`` command (and ``python -m ms3seg_app``): :func:`main`, then a fast exit.
 
     At exit CPython tears down every module and collects every object; with TensorFlow and
@@ -166,6 +166,16 @@ def console(argv=None) -> int:
     ends in about 0.1 s. Nothing is lost: the outputs are closed, written atomically, and
     atexit handlers (logging's flush, temporary folders) still run. :func:`main` itself,
     which tests and other programs call in-process, leaves the collector alone.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        :func:`main`'s exit status.
     """
     import gc
 
@@ -390,4 +400,4 @@ def _report_failure(prefix, err, tb, failed, output_dir: Path, run_uuid: str) ->
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .. import LABELS
+from .. import LABELS, LESION_CLASS
 from ..lesion_definition import LESION, LesionDefinition
 
 
@@ -133,7 +133,7 @@ def evaluate_dseg(pred: np.ndarray, truth: np.ndarray, spacing, classes=(1, 2, 3
         row = {"class": int(c), **overlap(p, t), "hd95_mm": hd95(p, t, spacing)}
         row["volume_pred_ml"] = row.pop("volume_pred_voxels") * voxel_ml
         row["volume_true_ml"] = row.pop("volume_true_voxels") * voxel_ml
-        if c == LABELS["AWMH"]:  # lesion-wise metrics for the lesion class of the reference's numbering
+        if c == LABELS[LESION_CLASS]:  # lesion-wise metrics for the lesion class of the reference's numbering
             row.update(lesion_wise(p, t, float(np.prod(spacing)), lesion_definition))
         rows.append(row)
     return rows

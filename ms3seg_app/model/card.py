@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import LESION_CLASS  # noqa: F401  (re-exported: callers name it from here too)
 from ..exceptions import ModelError
 
 LOGGER = logging.getLogger("ms3seg.model")
@@ -39,9 +40,6 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 WEIGHTS_ENV = "MS3SEG_WEIGHTS"
 CARD_SUFFIX = "_model_card.json"
 REQUIRED_KEYS = ("name", "architecture", "input", "preprocessing", "classes")
-#: Abbreviation of the MS-lesion class (abnormal WMH): the class of the lesion table, the
-#: lesion burden and the per-voxel uncertainty map.
-LESION_CLASS = "AWMH"
 
 
 def class_index(classes, abbreviation: str, where: str = "class table") -> int:

@@ -27,9 +27,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from .. import LABELS, __version__
+from .. import LABELS, LESION_CLASS, __version__
 from ..derivatives import atomic_write_text
-from ..model.card import LESION_CLASS, class_index
+from ..model.card import class_index
 from . import CSP_SCRIPT_PLACEHOLDER, class_colors, class_infos, env, finalize_csp, format_value, png_base64
 
 LOGGER = logging.getLogger("ms3seg.reports")
@@ -482,7 +482,7 @@ def lesion_rows(lesions: pd.DataFrame, can_affine: np.ndarray) -> tuple[list[str
 
 
 def slice_marks(can_dseg: np.ndarray, lesions: pd.DataFrame, can_affine: np.ndarray,
-                lesion_class: int = LABELS["AWMH"]) -> dict:
+                lesion_class: int = LABELS[LESION_CLASS]) -> dict:
     """Lesion-id positions on every axial slice a lesion spans (not only its centroid slice).
 
     Each lesion is matched to the 26-connected abnormal-WMH component holding its centroid

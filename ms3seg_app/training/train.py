@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import CLASSES, LABELS, __version__
+from .. import CLASSES, LABELS, LESION_CLASS, __version__
 from .dataset import SliceSequence, SliceSet, png_slices_to_set, volume_to_slices
 from .readers import (LabelledVolume, read_ms3seg_sample, read_mendeley_jpg, read_mssegsam_coco,
                       read_normal_wmh_png, read_trimask_sample)
@@ -342,8 +342,8 @@ def evaluate_external(model, card: dict, slices: SliceSet) -> dict:
     from ..model.predict import Predictor
 
     prob, _ = Predictor.from_model(model, card).predict_slices(slices.images)
-    pred = prob.argmax(-1) == LABELS["AWMH"]
-    truth = slices.labels == LABELS["AWMH"]
+    pred = prob.argmax(-1) == LABELS[LESION_CLASS]
+    truth = slices.labels == LABELS[LESION_CLASS]
     out = {}
     for src in sorted(set(slices.sources)):
         sel = slices.sources == src

@@ -35,6 +35,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .. import CLASSES, LABELS, LESION_CLASS
+from ..evaluation.metrics import evaluate_dseg
 from ..lesion_definition import LESION
 from .dataset import png_slices_to_set
 from .train import (EXTERNAL_HOLDOUT, VALIDATION_ONLY_SOURCES, TrainConfig, default_card, evaluate_external,
@@ -153,7 +155,6 @@ def thin_vs_slab(models, card: dict, slices: list, half: int = 3) -> dict:
     import re
     from dataclasses import replace
 
-
     out = {}
     for src in sorted({s.source for s in slices}):
         by_k = {}
@@ -182,9 +183,6 @@ def validate(data: Path, cv_dir: Path) -> dict:
     -------
     dict with ``cross_validation`` (the card block) and ``generalisation``.
     """
-    from ..evaluation.metrics import evaluate_dseg
-    from .. import CLASSES, LABELS
-
     t0 = time.time()
     folds = json.loads((Path(cv_dir) / "splits.json").read_text())["folds"]
     models = _fold_models(cv_dir)
@@ -205,7 +203,7 @@ def validate(data: Path, cv_dir: Path) -> dict:
                 for r in evaluate_dseg(dseg, v.labels, spacing, annotated=v.annotated):
                     frows.append({"fold": i, "subject": v.subject, "class_name": CLASSES[r["class"]][0],
                                   "variant": variant, **r})
-            les = [r for r in frows if r["subject"] == v.subject and r["class"] == LABELS["AWMH"] and r["variant"] == "post"]
+            les = [r for r in frows if r["subject"] == v.subject and r["class"] == LABELS[LESION_CLASS] and r["variant"] == "post"]
             if les and les[0]["volume_true_ml"] > 0:
                 ratio_home.append(les[0]["volume_pred_ml"] / les[0]["volume_true_ml"])
             brain_p = v.extra.get("brain_mask")
