@@ -16,7 +16,8 @@ both synthetic heads made here (speed does not depend on content), it prints:
   repository runs it; and the ratio ours / seed (target <= 0.5);
 - ``--repeat R`` (default 2): the seed and ours run alternately R times each, the fastest of each
   kept (this machine's speed drifts by 20-40 % within minutes);
-- ``--many N``: N FLAIRs in one run, amortised seconds per FLAIR ((t_N - t_1) / (N - 1));
+- ``--many N``: N FLAIRs in one run, amortised seconds per FLAIR ((t_N - t_1) / (N - 1), from two
+  processes, so with their drift) and the stages of FLAIRs 2-N from that run's log (one process);
 - a rerun whose outputs are complete (target < 3 s);
 - ``--nprocs``: 4 FLAIRs with 1 and with 2 worker processes;
 - ``--big``: a 512x512x300 FLAIR (an upsampled clinical scan): time, peak memory, output size.
@@ -134,6 +135,19 @@ def logged_seconds(out: Path, key: str = "STAGE_SECONDS") -> dict:
     return {}
 
 
+def later_flair_seconds(out: Path) -> list[float]:
+    """Seconds of the stages (``STAGE_SECONDS``, parts not counted twice) of each FLAIR after the
+    first in a run's log: the work per further FLAIR measured inside one process, free of the
+    drift between two processes that ``(t_N - t_1) / (N - 1)`` carries."""
+    sums = []
+    for log in sorted((out / "logs").glob("ms3seg_participant_*.log")):
+        for ln in log.read_text().splitlines():
+            if "STAGE_SECONDS" in ln:
+                stages = json.loads(ln.split("STAGE_SECONDS", 1)[1])
+                sums.append(sum(v for k, v in stages.items() if "." not in k))
+    return sums[1:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skull-strip", default="auto")
@@ -184,8 +198,10 @@ def main() -> None:
             if a.many > 1:
                 many = make_bids(tmp / f"many_{name}", shape, zooms, a.many, stripped=a.stripped)
                 t_n, _, _ = run(participant(many, tmp / f"outmany_{name}", opts), "many")
+                later = later_flair_seconds(tmp / f"outmany_{name}")
                 print(f"   {a.many} FLAIRs in one run: {t_n:.1f} s, amortised {(t_n - ours) / (a.many - 1):.1f} s "
-                      f"per FLAIR (targets: 2D <= 3 s, 3D <= 15 s)")
+                      f"per FLAIR (targets: 2D <= 3 s, 3D <= 15 s); stages of FLAIRs 2-{a.many} in that run: "
+                      + (", ".join(f"{s:.1f}" for s in later) + " s" if later else "not logged"))
                 if a.nprocs:
                     t_p, _, _ = run(participant(many, tmp / f"outpar_{name}", opts + ["--nprocs", "2"]), "nprocs")
                     print(f"   {a.many} FLAIRs with --nprocs 2: {t_p:.1f} s (serial {t_n:.1f} s)")
