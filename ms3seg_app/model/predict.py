@@ -456,13 +456,9 @@ def fold_batch_norm(model):
                 return None  # weights that cannot be paired: run the network as it is
             continue
         if fl.name in fold:
-            bn = fold[fl.name]
-            parts = {"gamma": bn.gamma if bn.scale else None, "beta": bn.beta if bn.center else None,
-                     "mean": bn.moving_mean, "var": bn.moving_variance,
-                     "bias": orig.bias if orig.use_bias else None, "kernel": orig.kernel}
-            loc = {k: where[id(v)] if v is not None else None for k, v in parts.items()}
-            recipes[id(fl.kernel)] = ("kernel", loc, bn.epsilon)
-            recipes[id(fl.bias)] = ("bias", loc, bn.epsilon)
+            loc, eps = _conv_bn_locations(orig, fold[fl.name], where)
+            recipes[id(fl.kernel)] = ("kernel", loc, eps)
+            recipes[id(fl.bias)] = ("bias", loc, eps)
         elif fl.name not in folded_bn:
             for fv, ov in zip(fl.variables, orig.variables, strict=True):
                 recipes[id(fv)] = ("copy", where[id(ov)])
@@ -479,6 +475,19 @@ def fold_batch_norm(model):
         return [make(p) for p in plans[0]], [make(p) for p in plans[1]]
 
     return folded, weights
+
+
+def _conv_bn_locations(conv, bn, where: dict) -> tuple[dict, float | None]:
+    """``(loc, eps)`` for :func:`_folded`: where ``conv``'s kernel and bias and its batch norm
+    ``bn``'s ``gamma``, ``beta``, ``mean`` and ``var`` sit in the network's weight lists
+    (``where`` from :func:`_variable_locations`; None for what the layer lacks, all four for
+    ``bn=None``), and the batch norm's epsilon."""
+    parts = {"kernel": conv.kernel, "bias": conv.bias if conv.use_bias else None,
+             "gamma": bn.gamma if bn is not None and bn.scale else None,
+             "beta": bn.beta if bn is not None and bn.center else None,
+             "mean": bn.moving_mean if bn is not None else None,
+             "var": bn.moving_variance if bn is not None else None}
+    return {k: None if v is None else where[id(v)] for k, v in parts.items()}, (bn.epsilon if bn is not None else None)
 
 
 def _folded(tv, ntv, loc: dict, eps: float) -> tuple:
@@ -599,23 +608,9 @@ def _unet_plan(model):
     except (KeyError, StopIteration, AttributeError):
         return None
     at = _variable_locations(model)
-
-    def loc(v):
-        return None if v is None else at[id(v)]
-
-    where = {}
     try:  # a kernel computed rather than held (e.g. quantised or LoRA layers): not this plan
-        for n in names:
-            if "conv" not in n and n != "trimask":
-                continue
-            conv = by_name[n]
-            bn = by_name.get(n.replace("_conv", "_bn")) if n != "trimask" else None
-            where[n] = ({"kernel": loc(conv.kernel), "bias": loc(conv.bias if conv.use_bias else None),
-                         "gamma": loc(bn.gamma if bn is not None and bn.scale else None),
-                         "beta": loc(bn.beta if bn is not None and bn.center else None),
-                         "mean": loc(bn.moving_mean if bn is not None else None),
-                         "var": loc(bn.moving_variance if bn is not None else None)},
-                        bn.epsilon if bn is not None else None)
+        where = {n: _conv_bn_locations(by_name[n], by_name[n.replace("_conv", "_bn")] if n != "trimask" else None, at)
+                 for n in names if "_conv" in n or n == "trimask"}
     except (KeyError, AttributeError):
         return None
     # numerical check on a probe, with random weights rather than the network's own: a fresh
