@@ -369,6 +369,13 @@ def _bbox_with_margin(mask_small: np.ndarray, shape, margin: float = BBOX_MARGIN
     return tuple(slice(max(0, b[0]), min(s, b[1]), 1) for b, s in zip(bbox, shape))
 
 
+def finite(x: np.ndarray) -> np.ndarray:
+    """``x`` with NaN as 0 and +-inf as the dtype's extremes (``np.nan_to_num``), copied only
+    when it holds such values: a FLAIR that passed :func:`~ms3seg_app.stages.load_flair` is
+    finite, and a copy of a 512x512x300 float32 volume is 300 MB. Never written to in place."""
+    return x if np.isfinite(x).all() else np.nan_to_num(x)
+
+
 def _source(img) -> str:
     return getattr(img, "get_filename", lambda: None)() or "<in-memory image>"
 
@@ -408,8 +415,7 @@ def box_stage(img: nib.Nifti1Image) -> BoxStage:
     src = _source(img)
     canon = nib.as_closest_canonical(img)
     # np.asarray(dataobj) applies scl_slope/scl_inter like deepbet's get_fdata()
-    x = np.asarray(canon.dataobj[..., 0] if len(canon.shape) == 4 else canon.dataobj, dtype=np.float32)
-    x = np.nan_to_num(x)
+    x = finite(np.asarray(canon.dataobj[..., 0] if len(canon.shape) == 4 else canon.dataobj, dtype=np.float32))
     x_small = _resize_nearest_exact(x, SMALL_SHAPE)
     low, high = _quantile(x_small, 0.005), _quantile(x_small, 0.995)
     if not high > low:

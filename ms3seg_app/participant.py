@@ -340,7 +340,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
             timer.run("report", write_participant_report, paths["report"], title=prefix, flair_name=fi.path.name,
                       flair=img, dseg=dseg, brain_mask=mask, coreg=coreg, lesions=lesions, volumes=volumes,
                       warnings=warnings, metadata=safe_metadata(fi.metadata),
-                      provenance=_provenance(card, options, method, coreg_methods), classes=card.classes)
+                      provenance=_provenance(card, used, options, method, coreg_methods), classes=card.classes)
         except Exception:  # a failed report never loses the segmentation (fMRIPrep's rule)
             LOGGER.exception("%s: the HTML report failed; the derivatives are complete", prefix)
             result.warnings.append("report failed (traceback in the log)")
@@ -374,13 +374,13 @@ def _lesion_definition() -> dict:
     return LESION.to_dict()
 
 
-def _provenance(card: ModelCard, options: RunOptions, method: str, coreg_methods: dict) -> dict:
-    """What ran, for the report's methods section."""
+def _provenance(card: ModelCard, used: tuple, options: RunOptions, method: str, coreg_methods: dict) -> dict:
+    """What ran, for the report's methods section (``used``: the card's members that ran)."""
     import datetime
 
     cv = card.data.get("cross_validation", {}).get("mean", {})
     return {"ms3seg_app_version": __version__, "model_name": card.name, "model_sha256": card.sha256,
-            "ensemble_members": len(used := card.member_indices(options.members)), "card_members": len(card.members),
+            "ensemble_members": len(used), "card_members": len(card.members),
             "members_used": list(used), "tta": options.tta, "skull_stripping": method,
             "n4": options.n4, "coregistration": coreg_methods,
             "software": {k: str(v) for k, v in (card.data.get("software") or {}).items()},

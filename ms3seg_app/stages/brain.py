@@ -126,11 +126,10 @@ def looks_skull_stripped(img: nib.Nifti1Image, data: np.ndarray | None = None) -
 def _skull_stripped_evidence(img: nib.Nifti1Image, data: np.ndarray | None = None):
     """:func:`looks_skull_stripped`, and deepbet's first stage when test 3 ran it (else None),
     so that brain extraction does not run the bounding-box network a second time."""
+    from ..brain_extraction import box_stage, brain_fraction, finite
     from .checks import inferior_superior_axis
 
-    data = np.asarray(img.dataobj, dtype=np.float32) if data is None else data
-    if not np.isfinite(data).all():  # a copy only where there is something to replace
-        data = np.nan_to_num(data)
+    data = finite(np.asarray(img.dataobj, dtype=np.float32) if data is None else data)
     zooms = np.asarray(img.header.get_zooms()[:3], float)
     si = inferior_superior_axis(img.affine)
     extent = data.shape[si] * float(zooms[si])
@@ -143,8 +142,6 @@ def _skull_stripped_evidence(img: nib.Nifti1Image, data: np.ndarray | None = Non
         for end in (0, -1):
             if float(np.abs(np.take(data, end, axis=ax)).max()) > tol:
                 return False, "non-zero background at the edge of the slices", None
-    from ..brain_extraction import box_stage, brain_fraction
-
     stage = box_stage(img)
     frac = brain_fraction(img, stage)
     if frac < STRIPPED_BRAIN_FRACTION:
