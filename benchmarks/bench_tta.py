@@ -12,7 +12,6 @@ Needs ``../shared/data`` (the MS3SEG development volumes).
 """
 import argparse
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -97,6 +97,28 @@ def _incomplete_message(missing: list[str], participant_id: str) -> str:
             f"(--participant-label {label})")
 
 
+def inference_options(meta: dict) -> str:
+    """The inference options of a dseg sidecar that are not the defaults, as the command-line
+    flags that set them (space-separated; empty for the defaults, or for a sidecar written
+    before the option existed).
+
+    Parameters
+    ----------
+    meta : dict, the FLAIR's ``*_desc-trimask_dseg.json``
+
+    Returns
+    -------
+    str, e.g. ``"--no-tta --crop brain"``
+    """
+    flags = []
+    if meta.get("TestTimeAugmentation") is False:
+        flags.append("--no-tta")
+    crop = meta.get("InferenceCrop", "head")
+    if crop != "head":
+        flags.append(f"--crop {crop}")
+    return " ".join(flags)
+
+
 def collect_volumes(output_dir: Path) -> pd.DataFrame:
     """Concatenate every ``*_desc-trimask_volumes.tsv`` under ``output_dir`` (sorted, deterministic).
 
@@ -112,7 +134,8 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
     -------
     DataFrame
         One row per FLAIR, with ``source_sha256``, ``model_sha256``, ``model_members`` (the
-        ``--members`` subset, space-separated; empty for the whole ensemble), ``qc_messages``,
+        ``--members`` subset, space-separated; empty for the whole ensemble), ``inference``
+        (:func:`inference_options`), ``qc_messages``,
         ``prefix``, ``report``, ``qc_incomplete`` (bool) and ``qc_incomplete_message`` (empty
         if complete) added.
 
@@ -150,6 +173,7 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         # the whole ensemble, or a sidecar written before --members existed: ""
         subset = isinstance(used, list) and used != list(range(n_card if isinstance(n_card, int) else len(used)))
         df["model_members"] = " ".join(map(str, used)) if subset else ""
+        df["inference"] = inference_options(meta)
         df["qc_messages"] = "; ".join(meta.get("QCWarnings", []))
         df["prefix"] = output_prefix(ents)
         df["qc_incomplete"] = bool(missing)
@@ -210,13 +234,14 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
     hi_i = pd.Series([g["inplane_mm"][1] for g in rows_tg], index=df.index)
     df["qc_geometry"] = (th < lo_t) | (th > hi_t) | (ip < lo_i) | (ip > hi_i)
     members = df["model_members"] if "model_members" in df else pd.Series("", index=df.index)
-    model = shas.astype(str) + "|" + members.astype(str)
+    inference = df["inference"] if "inference" in df else pd.Series("", index=df.index)
+    model = shas.astype(str) + "|" + members.astype(str) + "|" + inference.astype(str)
     modes = model.mode()
     # a tie has no majority: every row is flagged, the group mixes models or member sets evenly
     df["qc_model_differs"] = (model != modes.iloc[0]) if len(modes) == 1 else model.nunique() > 1
     names = {"qc_duplicate_input": "identical input to another FLAIR", "qc_outlier_icv": "ICV outlier",
              "qc_outlier_lesion": "lesion-volume outlier", "qc_geometry": "geometry outside training",
-             "qc_model_differs": "other model or members than most of the group"}
+             "qc_model_differs": "other model, members or inference options than most of the group"}
     flags = []
     for _, row in df.iterrows():
         msg = row.get("qc_incomplete_message")

@@ -51,6 +51,8 @@ class RunOptions:
         Write the HTML report.
     members : tuple of int, optional
         0-based indices of the model card's members to run (default ``None``: all).
+    crop : {"head", "brain"}
+        In-plane crop of each slice the network sees (:class:`~ms3seg_app.model.predict.Predictor`).
     """
 
     skull_strip: str = "auto"
@@ -58,6 +60,7 @@ class RunOptions:
     tta: bool = True
     reports: bool = True
     members: tuple | None = None
+    crop: str = "head"
 
 
 def run_key(card: ModelCard, options: RunOptions) -> str:
@@ -70,6 +73,8 @@ def run_key(card: ModelCard, options: RunOptions) -> str:
     members = card.member_indices(opts.pop("members"))
     if members != card.member_indices():  # all members keeps the key of runs made before the option
         opts["members"] = list(members)
+    if opts["crop"] == "head":  # the default keeps the key of runs made before the option
+        del opts["crop"]
     key = {"model_card_sha256": card.sha256, "ms3seg_app": __version__, **opts}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -302,7 +307,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     model_info = {"ModelName": card.name, "ModelSHA256": card.sha256, "ModelMembers": len(card.members),
                   "ModelMembersUsed": list(used),
                   "SkullStripping": method, "N4BiasCorrection": bool(options.n4),
-                  "TestTimeAugmentation": bool(options.tta),
+                  "TestTimeAugmentation": bool(options.tta), "InferenceCrop": options.crop,
                   "SoftwareVersions": f"ms3seg-app {__version__}" + (f"; model trained with {software}"
                                                                      if software else "")}
     atomic_save_nifti(image_like(mask, img, np.uint8), paths["mask"])
@@ -381,7 +386,8 @@ def _provenance(card: ModelCard, used: tuple, options: RunOptions, method: str, 
     cv = card.data.get("cross_validation", {}).get("mean", {})
     return {"ms3seg_app_version": __version__, "model_name": card.name, "model_sha256": card.sha256,
             "ensemble_members": len(used), "card_members": len(card.members),
-            "members_used": list(used), "tta": options.tta, "skull_stripping": method,
+            "members_used": list(used), "tta": options.tta, "crop": options.crop,
+            "skull_stripping": method,
             "n4": options.n4, "coregistration": coreg_methods,
             "software": {k: str(v) for k, v in (card.data.get("software") or {}).items()},
             "cross_validation": cv, "lesion_definition": _lesion_definition(),

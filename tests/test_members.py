@@ -69,8 +69,9 @@ def test_single_network_has_no_uncertainty_map_and_its_lesions_say_na(tmp_path):
 
 
 def test_run_key_keeps_old_results_valid_and_tells_member_sets_apart():
-    """All members (the default) gives the key of runs made before --members existed; any
-    subset gives another key, so switching recomputes instead of reusing."""
+    """All members and the head crop (the defaults) give the key of runs made before --members
+    and --crop existed; any subset, or the brain crop, gives another key, so switching
+    recomputes instead of reusing."""
     import hashlib
     from dataclasses import asdict
 
@@ -79,7 +80,7 @@ def test_run_key_keeps_old_results_valid_and_tells_member_sets_apart():
     from ms3seg_app.participant import RunOptions, run_key
 
     card = load_card()
-    old = {k: v for k, v in asdict(RunOptions()).items() if k != "members"}
+    old = {k: v for k, v in asdict(RunOptions()).items() if k not in ("members", "crop")}
     before = hashlib.sha256(json.dumps({"model_card_sha256": card.sha256, "ms3seg_app": __version__, **old},
                                        sort_keys=True).encode()).hexdigest()
     assert run_key(card, RunOptions()) == before
@@ -88,6 +89,8 @@ def test_run_key_keeps_old_results_valid_and_tells_member_sets_apart():
     # the same set given otherwise is the same run; all members given explicitly is the default
     assert run_key(card, RunOptions(members=(1, 0, 0))) == run_key(card, RunOptions(members=(0, 1)))
     assert run_key(card, RunOptions(members=(0, 1, 2))) == before
+    assert run_key(card, RunOptions(crop="head")) == before
+    assert run_key(card, RunOptions(crop="brain")) not in keys | {before}
 
 
 def test_group_flags_the_minority_setting_and_every_row_of_an_even_mix():
@@ -129,5 +132,5 @@ def test_members_run_end_to_end_recorded_and_flagged_by_the_group(tmp_path):
     assert main([bids, str(out), "participant", "--participant-label", "02", "--members", "0", *common]) == 0
     assert main([bids, str(out), "group"]) == 0
     df = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t", dtype={"participant_id": str})
-    flagged = {p for p, f in zip(df["participant_id"], df["qc_flags"].fillna("")) if "other model or members" in f}
+    flagged = {p for p, f in zip(df["participant_id"], df["qc_flags"].fillna("")) if "other model, members or inference options" in f}
     assert flagged == {"sub-02"}, df[["participant_id", "model_members", "qc_flags"]]

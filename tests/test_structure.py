@@ -214,7 +214,7 @@ def test_slices_without_brain_are_not_run_and_change_nothing_inside_the_mask(tmp
     mask[15:45, 15:55, 4:8] = True
     calls = []
     forward = pred.predict_slices
-    pred.predict_slices = lambda x, run=None, **kw: calls.append(run) or forward(x, run, **kw)
+    pred.predict_slices = lambda x, run=None, *a, **kw: calls.append(run) or forward(x, run, *a, **kw)
     with_mask = pred.predict_image(img, mask)
     assert calls[0].tolist() == [False] * 4 + [True] * 4 + [False] * 4
     full = pred.predict_image(img)

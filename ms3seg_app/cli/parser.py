@@ -123,6 +123,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         "deepbet's check), else FSL BET if installed, else deepbet (default: %(default)s)")
     g.add_argument("--n4", action="store_true", help="N4 bias-field correction (ANTsPy) before segmentation")
     g.add_argument("--no-tta", action="store_true", help="no left-right flip test-time augmentation")
+    g.add_argument("--crop", choices=["head", "brain"], default="head",
+                   help="in-plane crop of each slice the network sees: the whole head, or the brain's "
+                        "bounding box plus a margin (about 40 %% less network time on clinical scans, less "
+                        "context; "
+                        "its accuracy is in the README) (default: %(default)s)")
     g.add_argument("-w", "--work-dir", type=Path, default=None, metavar="DIR",
                    help="folder for intermediate files, kept after the run "
                         "(default: a temporary folder, deleted at the end)")

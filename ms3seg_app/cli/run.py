@@ -221,7 +221,7 @@ def _participant(opts, run_uuid: str, console) -> int:
     startup["indexing"] = time.perf_counter() - t0
     card = load_card(opts.model)  # reads and validates the card: no TensorFlow yet
     options = RunOptions(skull_strip=opts.skull_strip, n4=opts.n4, tta=not opts.no_tta, reports=not opts.no_reports,
-                         members=tuple(opts.members) if opts.members else None)
+                         members=tuple(opts.members) if opts.members else None, crop=opts.crop)
     container = None
     if os.environ.get("MS3SEG_CONTAINER"):
         container = {"Type": os.environ.get("MS3SEG_CONTAINER"), "Tag": f"ms3seg:{__version__}"}
@@ -337,13 +337,14 @@ def _init_worker(threads: int, device: str, verbose: int, quiet: int) -> None:
 
 def _predictor(job: dict):
     """The model, loaded once per process."""
-    key = (str(job["model"]), job["allow_unverified"], job["options"].tta, job["options"].members)
+    o = job["options"]
+    key = (str(job["model"]), job["allow_unverified"], o.tta, o.members, o.crop)
     if key not in _WORKER:
         from ..model.predict import Predictor
 
         _WORKER.clear()
-        _WORKER[key] = Predictor.load(job["model"], job["allow_unverified"], tta=job["options"].tta,
-                                      members=job["options"].members)
+        _WORKER[key] = Predictor.load(job["model"], job["allow_unverified"], tta=o.tta, members=o.members,
+                                      crop=o.crop)
     return _WORKER[key]
 
 

@@ -218,11 +218,15 @@ class SliceGeometry:
         back = _invert_ornt(np.array(self.ornt, dtype=float))
         return nib.orientations.apply_orientation(data, back)
 
-    def slices_holding(self, mask: np.ndarray) -> np.ndarray:
-        """Which model slices hold any True voxel of a stored-order mask.
+    def slice_boxes(self, mask: np.ndarray) -> np.ndarray:
+        """Per model slice, the in-plane pixel box that a stored-order mask's voxels touch.
 
-        Model slices are the RAS+ axial slices of the input, not resampled along Z, so
-        this is exact: a model slice outside it contributes to no voxel of the mask.
+        A pixel is in the box when the linear interpolation of :meth:`forward` reads a voxel
+        of the mask into it, or :meth:`inverse` reads it back into a voxel of the mask
+        (pixels within one input voxel of the mask's bounding box, mapped by the in-plane
+        scale and offset), so probabilities outside the boxes never reach the mask. Model
+        slices are the RAS+ axial slices of the input, not resampled along Z: a slice
+        without mask voxels has an empty box.
 
         Parameters
         ----------
@@ -230,11 +234,29 @@ class SliceGeometry:
 
         Returns
         -------
-        ndarray (Z,) bool
+        ndarray (Z, 4) int64
+            ``[row0, row1, col0, col1)`` per model slice (rows along +x, columns along +y
+            of the RAS+ image, as in :meth:`forward`), within ``[0, size]``; ``row0 == row1``
+            for a slice without mask voxels.
         """
         if tuple(mask.shape) != self.in_shape:
             raise ValueError(f"mask shape {mask.shape} != geometry shape {self.in_shape}")
-        return self.to_ras(np.asarray(mask, bool)).any(axis=(0, 1))
+        ras = self.to_ras(np.asarray(mask, bool))
+        boxes = np.zeros((self.ras_shape[2], 4), np.int64)
+        scale, offset = self._inplane()
+        for axis, (x_any, col) in enumerate(((ras.any(axis=1), 0), (ras.any(axis=0), 2))):
+            held = x_any.any(axis=0)  # (Z,)
+            n = x_any.shape[0]
+            first = np.argmax(x_any, axis=0)
+            last = n - 1 - np.argmax(x_any[::-1], axis=0)
+            # voxel i is read by pixels u with |scale * u + offset - i| < 1
+            lo = np.floor((first - 1 - offset[axis]) / scale[axis]).astype(np.int64)
+            hi = np.ceil((last + 1 - offset[axis]) / scale[axis]).astype(np.int64) + 1
+            boxes[:, col] = np.where(held, np.clip(lo, 0, self.size), 0)
+            boxes[:, col + 1] = np.where(held, np.clip(hi, 0, self.size), 0)
+        empty = (boxes[:, 0] >= boxes[:, 1]) | (boxes[:, 2] >= boxes[:, 3])
+        boxes[empty] = 0
+        return boxes
 
     def forward(self, data: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
         """Stored-order volume -> model slices.

@@ -425,6 +425,7 @@ def methods_text(provenance: dict) -> dict:
         + (f"an ensemble of {members} networks{subset} whose softmax outputs were averaged, " if members > 1
            else f"a single network{subset}, ")
         + ("with test-time augmentation, " if p.get("tta") else "without test-time augmentation, ")
+        + ("each slice cropped to the bounding box of its brain plus a margin, " if p.get("crop") == "brain" else "")
         + f"run with TensorFlow{tf}/Keras{keras} {cite('tensorflow')}.")
     lesdef = p.get("lesion_definition") or {}
     paras.append(
