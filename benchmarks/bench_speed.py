@@ -163,9 +163,11 @@ def main() -> None:
                     help="skull-stripped phantoms (the brain alone): what --skull-strip auto finds and keeps")
     ap.add_argument("--members", nargs="+", default=None, metavar="I",
                     help="pass --members I ... (default: the whole ensemble)")
+    ap.add_argument("--crop", choices=["head", "brain"], default=None, help="pass --crop (default: ms3seg's)")
     a = ap.parse_args()
     opts = ["--skull-strip", a.skull_strip] + ["--skip-bids-validation"] * a.skip_validation + ["--no-tta"] * a.no_tta
     opts += ["--members", *a.members] if a.members else []
+    opts += ["--crop", a.crop] if a.crop else []
     tmp = Path(tempfile.mkdtemp(prefix="ms3seg_bench_"))
     scans = {"2d": ((256, 256, 20), (0.9, 0.9, 6.5)), "3d": ((182, 218, 182), (1.0, 1.0, 1.0))}
     try:
