@@ -234,6 +234,33 @@ def flair_outputs(entities: dict, output_dir: Path, probseg_labels=(), modalitie
     return paths
 
 
+def raw_uri(path: Path, bids_dir: Path | None) -> str:
+    """``bids:raw:<path relative to the raw dataset>`` (BIDS URI, BIDS 1.9 "Sources"; ``raw``
+    is in the dataset description's ``DatasetLinks``); the file name alone for a file
+    outside ``bids_dir``."""
+    path = Path(path)
+    if bids_dir is not None:
+        try:
+            return f"bids:raw:{path.resolve().relative_to(Path(bids_dir).resolve()).as_posix()}"
+        except ValueError:
+            pass
+    return f"bids:raw:{path.name}"
+
+
+def raw_path(uri: str, bids_dir: Path) -> Path:
+    """The file a :func:`raw_uri` names, under ``bids_dir``.
+
+    Raises
+    ------
+    ValueError
+        If ``uri`` is not a ``bids:raw:`` URI.
+    """
+    prefix = "bids:raw:"
+    if not isinstance(uri, str) or not uri.startswith(prefix) or len(uri) == len(prefix):
+        raise ValueError(f"not a bids:raw: URI: {uri!r}")
+    return Path(bids_dir) / uri[len(prefix):]
+
+
 def output_prefix(entities: dict) -> str:
     """``sub-X[_ses-Y][_acq-Z][_run-N]``: how one FLAIR is named in messages and logs."""
     return _build(entities, REPORT_PATTERN)[: -len(".html")]

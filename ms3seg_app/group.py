@@ -133,7 +133,8 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        One row per FLAIR, with ``source_sha256``, ``model_sha256``, ``model_members`` (the
+        One row per FLAIR, with ``source`` (the input FLAIR, as the BIDS URI of its dseg
+        sidecar's ``Sources``), ``source_sha256``, ``model_sha256``, ``model_members`` (the
         ``--members`` subset, space-separated; empty for the whole ensemble), ``inference``
         (:func:`inference_options`), ``qc_messages``,
         ``prefix``, ``report``, ``qc_incomplete`` (bool) and ``qc_incomplete_message`` (empty
@@ -169,6 +170,8 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         meta = meta or {}
         df["source_sha256"] = meta.get("SourceSHA256", "")
         df["model_sha256"] = meta.get("ModelSHA256", "")
+        sources = meta.get("Sources")
+        df["source"] = sources[0] if isinstance(sources, list) and sources and isinstance(sources[0], str) else ""
         used, n_card = meta.get("ModelMembersUsed"), meta.get("ModelMembers")
         # the whole ensemble, or a sidecar written before --members existed: ""
         subset = isinstance(used, list) and used != list(range(n_card if isinstance(n_card, int) else len(used)))

@@ -84,14 +84,12 @@ def register_labels(fixed_flair: Path, moving_flair: Path, moving_dseg: Path) ->
 
 
 def _paths(row, bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
-    """(input FLAIR, its tri-mask) of a group-table row; the tri-mask named by :mod:`derivatives`
-    from the row's output prefix (which holds the session even where the input's name omits it)."""
-    from .derivatives import flair_entities, flair_outputs
+    """(input FLAIR, its tri-mask) of a group-table row: the input as its dseg sidecar names it
+    (``source``, a ``bids:raw:`` URI), the tri-mask named by :mod:`derivatives` from the row's
+    output prefix (ValueError if the row names no input)."""
+    from .derivatives import flair_entities, flair_outputs, raw_path
 
-    sub = row["participant_id"]
-    ses = row["session_id"]
-    rel = Path(sub) / (ses if ses != "n/a" else "") / "anat"
-    return (Path(bids_dir) / rel / row["flair"],
+    return (raw_path(row.get("source", ""), bids_dir),
             flair_outputs(flair_entities(row["prefix"]), output_dir)["dseg"])
 
 
@@ -127,11 +125,10 @@ def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path, cla
             row = {"participant_id": sub, "session_from": a["session_id"], "session_to": b["session_id"]}
             for v in VOLUMES:
                 row[f"delta_{v}"] = float(b[v]) - float(a[v])
-            fa, da = _paths(a, bids_dir, output_dir)
-            fb, db = _paths(b, bids_dir, output_dir)
             try:
                 if lesion is None:
                     raise ModelError(why)
+                (fa, da), (fb, db) = _paths(a, bids_dir, output_dir), _paths(b, bids_dir, output_dir)
                 later = register_labels(fa, fb, db) == lesion
                 ea = nib.load(str(da))
                 earlier = np.asanyarray(ea.dataobj) == lesion

@@ -30,7 +30,7 @@ import numpy as np
 from . import __version__
 from .bids import FlairInput
 from .derivatives import (atomic_save_nifti, atomic_write_json, atomic_write_text, flair_outputs, image_like,
-                          output_prefix, probability_image, safe_metadata)
+                          output_prefix, probability_image, raw_uri, safe_metadata)
 from .model.card import ModelCard, sha256_file
 
 LOGGER = logging.getLogger("ms3seg.participant")
@@ -300,7 +300,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     warnings += qc_warnings(img, card, pred.probabilities, pred.dseg, mask)
     t_write = time.perf_counter()
     # ---- derivatives (the dseg sidecar is the completion marker: written last)
-    raw = _raw_uri(fi.path, bids_dir)
+    raw = raw_uri(fi.path, bids_dir)
     space = {"SpatialReference": raw}
     software = "; ".join(f"{k} {v}" for k, v in sorted((card.data.get("software") or {}).items())
                          if k != "ms3seg_app")
@@ -324,7 +324,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     atomic_save_nifti(image_like(dseg, img, np.uint8), paths["dseg"])
     for mod, cimg in coreg.items():
         atomic_save_nifti(cimg, paths[mod])
-        atomic_write_json(paths[f"{mod}_json"], {"Sources": [_raw_uri(getattr(fi, mod.lower()), bids_dir)],
+        atomic_write_json(paths[f"{mod}_json"], {"Sources": [raw_uri(getattr(fi, mod.lower()), bids_dir)],
                                                  **space, "SkullStripped": False,
                                                  "Description": f"{mod} rigidly co-registered to the FLAIR",
                                                  "RegistrationMethod": coreg_methods[mod]})
@@ -360,17 +360,6 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     result.timings = timer.timings
     result.seconds = time.time() - t0
     return result
-
-
-def _raw_uri(path: Path, bids_dir: Path | None) -> str:
-    """``bids:raw:<path relative to the raw dataset>`` (BIDS URI; ``raw`` is in ``DatasetLinks``)."""
-    path = Path(path)
-    if bids_dir is not None:
-        try:
-            return f"bids:raw:{path.resolve().relative_to(Path(bids_dir).resolve()).as_posix()}"
-        except ValueError:
-            pass
-    return f"bids:raw:{path.name}"
 
 
 def _lesion_definition() -> dict:
