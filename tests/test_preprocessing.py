@@ -143,3 +143,32 @@ def test_inverse_in_slice_chunks_equals_one_call(storage, monkeypatch):
     for chunk in (3, 1):
         np.testing.assert_array_equal(results[chunk][0], results[10 ** 6][0])
         np.testing.assert_array_equal(results[chunk][1], results[10 ** 6][1])
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_unit_scale_maps_are_copies_equal_to_the_interpolation(monkeypatch, order):
+    """1 mm voxels are the model's pixels: forward and inverse copy the overlap instead of
+    interpolating, with the same result as scipy's affine_transform, edges included."""
+    import ms3seg_app.preprocessing.geometry as geometry
+
+    rng = np.random.default_rng(3)
+    data = rng.random((300, 180, 7)).astype(np.float32)  # wider than the 256 px slice: cut on one axis
+    if order == 0:
+        data = (data * 4).astype(np.uint8)
+    aff = np.diag([-1.0, 1.0, 2.0, 1.0])  # stored right-to-left
+    img = nib.Nifti1Image(data, aff)
+    head = np.zeros(data.shape, bool)
+    head[40:290, 10:170] = True
+    geom = geometry.SliceGeometry.from_image(img, pixel_size=1.0, size=256, centre_on=head)
+    assert geometry._unit(geom._inplane()[0])
+    within = np.zeros(data.shape, bool)
+    within[50:200, 30:150, 1:6] = True
+    fast_fwd = geom.forward(data, order=order, cval=0.25 if order else 0)
+    slices = rng.random((7, 256, 256, 2)).astype(np.float32)
+    fast_inv = [geom.inverse(slices, order=order, cval=[1.0, 0.0]),
+                geom.inverse(slices, order=order, cval=[1.0, 0.0], within=within, dtype=np.float16)]
+    monkeypatch.setattr(geometry, "_unit", lambda scale: False)
+    np.testing.assert_array_equal(fast_fwd, geom.forward(data, order=order, cval=0.25 if order else 0))
+    np.testing.assert_array_equal(fast_inv[0], geom.inverse(slices, order=order, cval=[1.0, 0.0]))
+    np.testing.assert_array_equal(fast_inv[1], geom.inverse(slices, order=order, cval=[1.0, 0.0], within=within,
+                                                            dtype=np.float16))

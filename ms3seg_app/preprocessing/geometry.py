@@ -279,17 +279,21 @@ class SliceGeometry:
         ras = self.to_ras(np.asarray(data))
         scale, offset = self._inplane()
         out_dtype = ras.dtype if order == 0 else np.float32
-        src = ras if order == 0 else ras.astype(np.float32, copy=False)
-        out = ndimage.affine_transform(
-            src,
-            np.array([scale[0], scale[1], 1.0]),
-            offset=np.array([offset[0], offset[1], 0.0]),
-            output_shape=(self.size, self.size, self.ras_shape[2]),
-            order=order,
-            mode="constant",
-            cval=cval,
-            output=out_dtype,
-        )
+        shape = (self.size, self.size, self.ras_shape[2])
+        if _unit(scale):
+            out = _shifted(ras, offset, shape, cval, out_dtype)
+        else:
+            src = ras if order == 0 else ras.astype(np.float32, copy=False)
+            out = ndimage.affine_transform(
+                src,
+                np.array([scale[0], scale[1], 1.0]),
+                offset=np.array([offset[0], offset[1], 0.0]),
+                output_shape=shape,
+                order=order,
+                mode="constant",
+                cval=cval,
+                output=out_dtype,
+            )
         return np.ascontiguousarray(np.moveaxis(out, 2, 0))
 
     def inverse(self, slices: np.ndarray, order: int = 1, cval=0.0, dtype=np.float32,
@@ -348,24 +352,64 @@ class SliceGeometry:
         # output reads model slice z only.
         out = np.empty(tuple(self.in_shape) + (nc,), dtype=dtype)
         vol = np.moveaxis(slices, 0, 2)  # (size, size, Z, C)
+        unit = _unit(inv_scale)
         for c in range(nc):
             out[..., c] = cvals[c]
             for z0 in range(box[2].start, box[2].stop, INVERSE_CHUNK_SLICES):
                 z1 = min(z0 + INVERSE_CHUNK_SLICES, box[2].stop)
-                ras = ndimage.affine_transform(
-                    vol[:, :, z0:z1, c].astype(np.float32),
-                    matrix,
-                    offset=offset,
-                    output_shape=(box[0].stop - box[0].start, box[1].stop - box[1].start, z1 - z0),
-                    output=np.float32,
-                    order=order,
-                    mode="constant",
-                    cval=float(cvals[c]),
-                )
+                chunk_shape = (box[0].stop - box[0].start, box[1].stop - box[1].start, z1 - z0)
+                if unit:
+                    ras = _shifted(vol[:, :, z0:z1, c], offset, chunk_shape, float(cvals[c]), np.float32)
+                else:
+                    ras = ndimage.affine_transform(
+                        vol[:, :, z0:z1, c].astype(np.float32),
+                        matrix,
+                        offset=offset,
+                        output_shape=chunk_shape,
+                        output=np.float32,
+                        order=order,
+                        mode="constant",
+                        cval=float(cvals[c]),
+                    )
                 chunk = (box[0], box[1], slice(z0, z1))
                 out[_box_in_stored_order(self.ornt, self.in_shape, chunk) + (c,)] = self.from_ras(ras)
                 del ras
         return out[..., 0] if squeeze else out
+
+
+def _unit(scale) -> bool:
+    """Whether an in-plane map has unit scale (model pixel = input voxel): its offsets are
+    whole voxels (:meth:`SliceGeometry._inplane`), so it is an integer shift."""
+    return bool(np.all(np.asarray(scale) == 1.0))
+
+
+def _shifted(src: np.ndarray, offset, shape: tuple, cval: float, dtype) -> np.ndarray:
+    """``out[u, v, ...] = src[u + offset[0], v + offset[1], ...]``, ``cval`` outside ``src``.
+
+    What ``ndimage.affine_transform`` computes for a unit-scale map with whole-voxel offsets
+    (linear interpolation at integer coordinates returns the voxel itself), as a copy of the
+    overlap instead of an interpolation per output voxel: 5-10x faster for the 1 mm scans whose
+    voxels are the model's pixels (measured: see the commit).
+
+    Parameters
+    ----------
+    src : ndarray (X, Y, ...)
+    offset : 2 whole numbers (float or int), the input voxel of output pixel (0, 0)
+    shape : tuple, output shape (U, V, ...) with the trailing axes of ``src``
+    cval : float, value outside ``src``
+    dtype : output dtype
+    """
+    out = np.full(shape, cval, dtype=dtype)
+    dst, srcs = [], []
+    for d in range(2):
+        o, n_in, n_out = int(round(float(offset[d]))), src.shape[d], shape[d]
+        lo, hi = max(0, -o), min(n_out, n_in - o)
+        if hi <= lo:
+            return out
+        dst.append(slice(lo, hi))
+        srcs.append(slice(lo + o, hi + o))
+    out[dst[0], dst[1]] = src[srcs[0], srcs[1]]
+    return out
 
 
 def _box_in_stored_order(ornt, in_shape, box) -> tuple:
