@@ -98,6 +98,37 @@ def test_probsegs_are_compact_and_round_trip_within_1_255(tmp_path):
     assert np.all(got[:10] == 0.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_probability_maps_are_quantised_in_chunks_as_a_whole_volume_would_be(dtype):
+    """probability_image works PROBABILITY_CHUNK_SLICES slices at a time (memory): the same
+    uint8 values as the whole-volume formula, across chunk boundaries."""
+    from ms3seg_app.derivatives import PROBABILITY_CHUNK_SLICES, probability_image
+
+    rng = np.random.default_rng(1)
+    p = (rng.random((20, 24, 2 * PROBABILITY_CHUNK_SLICES + 5)) * 1.2 - 0.1).astype(dtype)  # some outside [0, 1]
+    ref = nib.Nifti1Image(np.zeros(p.shape, np.float32), np.eye(4))
+    want = np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8)
+    img = probability_image(p, ref)  # in memory: dataobj is the stored uint8 array
+    assert img.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(img.dataobj), want)
+
+
+def test_saved_nifti_is_the_gzip_of_the_uncompressed_file_and_reproducible(tmp_path):
+    """atomic_save_nifti streams nibabel's output into gzip (no uncompressed copy in memory):
+    the file is the gzip (no timestamp) of the uncompressed one, byte for byte, every time."""
+    import gzip
+
+    from ms3seg_app.derivatives import atomic_save_nifti, image_like
+
+    rng = np.random.default_rng(2)
+    ref = nib.Nifti1Image(np.zeros((40, 30, 12), np.float32), np.diag([0.9, 0.9, 3.0, 1.0]))
+    img = image_like((rng.random((40, 30, 12)) > 0.6).astype(np.uint8), ref, np.uint8)
+    plain, packed = atomic_save_nifti(img, tmp_path / "a.nii"), atomic_save_nifti(img, tmp_path / "a.nii.gz")
+    assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()
+    assert atomic_save_nifti(img, tmp_path / "b.nii.gz").read_bytes() == packed.read_bytes()
+    np.testing.assert_array_equal(np.asarray(nib.load(packed).dataobj), np.asarray(img.dataobj))
+
+
 def test_derivatives_pass_the_bids_validator(tmp_path, tiny_model):
     exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator-deno",
                                                                   path=os.path.dirname(sys.executable))
