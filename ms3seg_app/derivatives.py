@@ -250,13 +250,16 @@ def flair_outputs(entities: dict, output_dir: Path, probseg_labels=(), modalitie
 def raw_uri(path: Path, bids_dir: Path | None) -> str:
     """``bids:raw:<path relative to the raw dataset>`` (BIDS URI, BIDS 1.9 "Sources"; ``raw``
     is in the dataset description's ``DatasetLinks``); the file name alone for a file
-    outside ``bids_dir``."""
+    outside ``bids_dir``. Symbolic links are not followed first (DataLad/git-annex datasets
+    link each file into ``.git/annex``): the path is the one inside the dataset."""
     path = Path(path)
     if bids_dir is not None:
-        try:
-            return f"bids:raw:{path.resolve().relative_to(Path(bids_dir).resolve()).as_posix()}"
-        except ValueError:
-            pass
+        for p, root in ((Path(os.path.abspath(path)), Path(os.path.abspath(bids_dir))),
+                        (path.resolve(), Path(bids_dir).resolve())):
+            try:
+                return f"bids:raw:{p.relative_to(root).as_posix()}"
+            except ValueError:
+                pass
     return f"bids:raw:{path.name}"
 
 

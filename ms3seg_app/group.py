@@ -99,8 +99,9 @@ def _incomplete_message(missing: list[str], participant_id: str) -> str:
 
 def inference_options(meta: dict) -> str:
     """The inference options of a dseg sidecar that are not the defaults, as the command-line
-    flags that set them (space-separated; empty for the defaults, or for a sidecar written
-    before the option existed).
+    flags that set them (space-separated; empty for the defaults). A sidecar without
+    ``InferenceCrop`` was made with one crop for the whole slice stack (before per-slice crops):
+    ``"stack crop"``, so that a group mixing such results with newer ones is flagged.
 
     Parameters
     ----------
@@ -113,8 +114,10 @@ def inference_options(meta: dict) -> str:
     flags = []
     if meta.get("TestTimeAugmentation") is False:
         flags.append("--no-tta")
-    crop = meta.get("InferenceCrop", "head")
-    if crop != "head":
+    crop = meta.get("InferenceCrop")
+    if not isinstance(crop, str):
+        flags.append("stack crop")
+    elif crop != "head":
         flags.append(f"--crop {crop}")
     return " ".join(flags)
 
@@ -133,9 +136,9 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        One row per FLAIR, with ``source`` (the input FLAIR, as the BIDS URI of its dseg
+        One row per FLAIR, with ``flair_source`` (the input FLAIR, as the BIDS URI of its dseg
         sidecar's ``Sources``), ``source_sha256``, ``model_sha256``, ``model_members`` (the
-        ``--members`` subset, space-separated; empty for the whole ensemble), ``inference``
+        ``--members`` subset, space-separated; empty for the whole ensemble), ``inference_options``
         (:func:`inference_options`), ``qc_messages``,
         ``prefix``, ``report``, ``qc_incomplete`` (bool) and ``qc_incomplete_message`` (empty
         if complete) added.
@@ -171,12 +174,12 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         df["source_sha256"] = meta.get("SourceSHA256", "")
         df["model_sha256"] = meta.get("ModelSHA256", "")
         sources = meta.get("Sources")
-        df["source"] = sources[0] if isinstance(sources, list) and sources and isinstance(sources[0], str) else ""
+        df["flair_source"] = sources[0] if isinstance(sources, list) and sources and isinstance(sources[0], str) else ""
         used, n_card = meta.get("ModelMembersUsed"), meta.get("ModelMembers")
         # the whole ensemble, or a sidecar written before --members existed: ""
         subset = isinstance(used, list) and used != list(range(n_card if isinstance(n_card, int) else len(used)))
         df["model_members"] = " ".join(map(str, used)) if subset else ""
-        df["inference"] = inference_options(meta)
+        df["inference_options"] = inference_options(meta)
         df["qc_messages"] = "; ".join(meta.get("QCWarnings", []))
         df["prefix"] = output_prefix(ents)
         df["qc_incomplete"] = bool(missing)
@@ -237,7 +240,7 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
     hi_i = pd.Series([g["inplane_mm"][1] for g in rows_tg], index=df.index)
     df["qc_geometry"] = (th < lo_t) | (th > hi_t) | (ip < lo_i) | (ip > hi_i)
     members = df["model_members"] if "model_members" in df else pd.Series("", index=df.index)
-    inference = df["inference"] if "inference" in df else pd.Series("", index=df.index)
+    inference = df["inference_options"] if "inference_options" in df else pd.Series("", index=df.index)
     model = shas.astype(str) + "|" + members.astype(str) + "|" + inference.astype(str)
     modes = model.mode()
     # a tie has no majority: every row is flagged, the group mixes models or member sets evenly

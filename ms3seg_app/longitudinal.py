@@ -89,7 +89,7 @@ def _paths(row, bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
     output prefix (ValueError if the row names no input)."""
     from .derivatives import flair_entities, flair_outputs, raw_path
 
-    return (raw_path(row.get("source", ""), bids_dir),
+    return (raw_path(row.get("flair_source", ""), bids_dir),
             flair_outputs(flair_entities(row["prefix"]), output_dir)["dseg"])
 
 

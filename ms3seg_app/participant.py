@@ -73,8 +73,8 @@ def run_key(card: ModelCard, options: RunOptions) -> str:
     members = card.member_indices(opts.pop("members"))
     if members != card.member_indices():  # all members keeps the key of runs made before the option
         opts["members"] = list(members)
-    if opts["crop"] == "head":  # the default keeps the key of runs made before the option
-        del opts["crop"]
+    # the crop is always in the key: results of the previous rule (one crop for the whole stack,
+    # sidecars without InferenceCrop) differ slightly from the per-slice crops, so are recomputed
     key = {"model_card_sha256": card.sha256, "ms3seg_app": __version__, **opts}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

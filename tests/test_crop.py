@@ -122,12 +122,13 @@ def test_brain_crop_runs_each_slice_on_its_brains_box(tmp_path):
 def test_inference_options_and_the_group_flag():
     from ms3seg_app.group import add_qc_flags, inference_options
 
-    assert inference_options({}) == ""  # written before the options existed: the defaults
+    assert inference_options({"InferenceCrop": "head"}) == ""
+    assert inference_options({}) == inference_options({"InferenceCrop": None}) == "stack crop"  # older rule
     assert inference_options({"TestTimeAugmentation": True, "InferenceCrop": "head"}) == ""
     assert inference_options({"TestTimeAugmentation": False, "InferenceCrop": "brain"}) == "--no-tta --crop brain"
     df = pd.DataFrame({"participant_id": ["sub-1", "sub-2", "sub-3"], "icv_ml": 1400.0, "abnormal_wmh_ml": 5.0,
                        "source_sha256": ["a", "b", "c"], "model_sha256": "m", "model_members": "",
-                       "inference": ["", "", "--crop brain"]})
+                       "inference_options": ["", "", "--crop brain"]})
     assert add_qc_flags(df)["qc_model_differs"].tolist() == [False, False, True]
 
 
@@ -151,3 +152,36 @@ def test_crop_brain_end_to_end_recorded_and_recomputed(tmp_path):
     assert side_path.stat().st_mtime_ns != before
     assert json.loads(side_path.read_text())["InferenceCrop"] == "head"
     assert "cropped to the bounding box" not in (out / "sub-02.html").read_text()
+
+
+def test_brain_crop_does_not_run_a_slice_without_head(tmp_path):
+    from ms3seg_app.model.predict import Predictor
+
+    pred = Predictor.load(_model(tmp_path / "m.keras", seed=8), tta=False, crop="brain")
+    x = np.zeros((3, 64, 64), np.float32)
+    x[0, 10:50, 10:50] = 1.5
+    boxes = np.array([[20, 40, 20, 40], [20, 40, 20, 40], [0, 0, 0, 0]])  # slice 1: region, no head
+    seen = []
+    fns = pred._member_fns()
+    pred._fns = [lambda b, f=f: seen.append(b.shape) or f(b) for f in fns]
+    mean, _ = pred.predict_slices(x, boxes=boxes)
+    assert seen == [(1, 64, 64, 1)] and (mean[1:, ..., 0] == 1).all()
+
+
+def test_sources_name_the_file_inside_the_dataset_not_a_symlink_target(tmp_path):
+    """DataLad/git-annex datasets link each file elsewhere: Sources, and the longitudinal step
+    reading them back, use the path inside the dataset."""
+    from ms3seg_app.derivatives import raw_path, raw_uri
+
+    store, bids = tmp_path / "annex", tmp_path / "ds"
+    store.mkdir()
+    (bids / "sub-1" / "anat").mkdir(parents=True)
+    (store / "blob").write_bytes(b"x")
+    link = bids / "sub-1" / "anat" / "sub-1_FLAIR.nii.gz"
+    link.symlink_to(store / "blob")
+    uri = raw_uri(link, bids)
+    assert uri == "bids:raw:sub-1/anat/sub-1_FLAIR.nii.gz"
+    assert raw_path(uri, bids) == link and raw_path(uri, bids).read_bytes() == b"x"
+    assert raw_uri(store / "blob", bids) == "bids:raw:blob"  # outside the dataset: the name alone
+    with pytest.raises(ValueError, match="not a bids:raw: URI"):
+        raw_path("sub-1/anat/sub-1_FLAIR.nii.gz", bids)

@@ -20,7 +20,7 @@ def test_group_rows_flags_and_reports(mixed_study):
     assert list(df["participant_id"]) == ["sub-01", "sub-01", "sub-02", "sub-104670", "sub-105755",
                                           "sub-112776", "sub-dup"]
     assert list(df["session_id"][:2]) == ["ses-01", "ses-02"]
-    assert df["source"][0] == "bids:raw:sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz"
+    assert df["flair_source"][0] == "bids:raw:sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz"
     dup = dict(zip(df["participant_id"], df["qc_duplicate_input"].astype(str)))
     assert dup["sub-02"] == dup["sub-dup"] == "True" and dup["sub-104670"] == "False"
     assert list(df["age"]) == [34, 34, 52, 38, 57, 45, 41]
@@ -157,7 +157,7 @@ def test_longitudinal_registration_finds_the_new_lesion(tmp_path, lesion_label, 
         nib.save(nib.Nifti1Image(lab, aff), str(d_o / f"sub-x_{ses}_space-orig_desc-trimask_dseg.nii.gz"))
         rows.append({"participant_id": "sub-x", "session_id": ses, "acq": "n/a", "run": "n/a",
                      "flair": f"sub-x_{ses}_FLAIR.nii.gz", "prefix": f"sub-x_{ses}",
-                     "source": f"bids:raw:sub-x/{ses}/anat/sub-x_{ses}_FLAIR.nii.gz",
+                     "flair_source": f"bids:raw:sub-x/{ses}/anat/sub-x_{ses}_FLAIR.nii.gz",
                      "abnormal_wmh_ml": float((lab == (lesion_label or 3)).sum() * 3 / 1000), "normal_wmh_ml": 0.0,
                      "ventricles_ml": float((lab == (4 - (lesion_label or 3))).sum() * 3 / 1000)})
     long = longitudinal_changes(pd.DataFrame(rows), bids, out)
@@ -178,6 +178,6 @@ def test_longitudinal_registration_finds_the_new_lesion(tmp_path, lesion_label, 
     assert (again["n_new_lesions"], again["n_enlarging_lesions"]) == (1, 0)
     # the input is the one the dseg sidecar names (the group table's `source`), not a path
     # rebuilt from the file name: a row without it gets its volume changes and no lesion changes
-    unnamed = longitudinal_changes(pd.DataFrame([{**r, "source": ""} for r in rows]), bids, out, classes).iloc[0]
+    unnamed = longitudinal_changes(pd.DataFrame([{**r, "flair_source": ""} for r in rows]), bids, out, classes).iloc[0]
     assert "not a bids:raw: URI" in unnamed["registration"] and np.isnan(unnamed["n_new_lesions"])
     assert unnamed["delta_abnormal_wmh_ml"] == r["delta_abnormal_wmh_ml"]

@@ -69,9 +69,10 @@ def test_single_network_has_no_uncertainty_map_and_its_lesions_say_na(tmp_path):
 
 
 def test_run_key_keeps_old_results_valid_and_tells_member_sets_apart():
-    """All members and the head crop (the defaults) give the key of runs made before --members
-    and --crop existed; any subset, or the brain crop, gives another key, so switching
-    recomputes instead of reusing."""
+    """All members (the default) gives the key that the same options gave before --members
+    existed; any subset gives another key, so switching recomputes instead of reusing. The
+    crop is always in the key: runs made with the previous crop rule (one crop for the whole
+    stack) are recomputed, and head and brain crops are told apart."""
     import hashlib
     from dataclasses import asdict
 
@@ -80,7 +81,7 @@ def test_run_key_keeps_old_results_valid_and_tells_member_sets_apart():
     from ms3seg_app.participant import RunOptions, run_key
 
     card = load_card()
-    old = {k: v for k, v in asdict(RunOptions()).items() if k not in ("members", "crop")}
+    old = {k: v for k, v in asdict(RunOptions()).items() if k != "members"}
     before = hashlib.sha256(json.dumps({"model_card_sha256": card.sha256, "ms3seg_app": __version__, **old},
                                        sort_keys=True).encode()).hexdigest()
     assert run_key(card, RunOptions()) == before
@@ -89,8 +90,10 @@ def test_run_key_keeps_old_results_valid_and_tells_member_sets_apart():
     # the same set given otherwise is the same run; all members given explicitly is the default
     assert run_key(card, RunOptions(members=(1, 0, 0))) == run_key(card, RunOptions(members=(0, 1)))
     assert run_key(card, RunOptions(members=(0, 1, 2))) == before
-    assert run_key(card, RunOptions(crop="head")) == before
     assert run_key(card, RunOptions(crop="brain")) not in keys | {before}
+    stack_crop = {k: v for k, v in old.items() if k != "crop"}  # sidecars before per-slice crops
+    assert run_key(card, RunOptions()) != hashlib.sha256(json.dumps(
+        {"model_card_sha256": card.sha256, "ms3seg_app": __version__, **stack_crop}, sort_keys=True).encode()).hexdigest()
 
 
 def test_group_flags_the_minority_setting_and_every_row_of_an_even_mix():

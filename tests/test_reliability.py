@@ -125,6 +125,13 @@ def test_saved_nifti_is_the_gzip_of_the_uncompressed_file_and_reproducible(tmp_p
     img = image_like((rng.random((40, 30, 12)) > 0.6).astype(np.uint8), ref, np.uint8)
     plain, packed = atomic_save_nifti(img, tmp_path / "a.nii"), atomic_save_nifti(img, tmp_path / "a.nii.gz")
     assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()
+    # the bytes of compressing the whole uncompressed file in one write (the previous way)
+    import io
+
+    whole = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=whole, mtime=0, compresslevel=6) as gz:
+        gz.write(plain.read_bytes())
+    assert packed.read_bytes() == whole.getvalue()
     assert atomic_save_nifti(img, tmp_path / "b.nii.gz").read_bytes() == packed.read_bytes()
     np.testing.assert_array_equal(np.asarray(nib.load(packed).dataobj), np.asarray(img.dataobj))
 

@@ -125,7 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-tta", action="store_true", help="no left-right flip test-time augmentation")
     g.add_argument("--crop", choices=["head", "brain"], default="head",
                    help="in-plane crop of each slice the network sees: the whole head, or the brain's "
-                        "bounding box plus a margin (about 40 %% less network time on clinical scans, less "
+                        "bounding box plus a margin (about a third less network time on clinical scans, less "
                         "context; "
                         "its accuracy is in the README) (default: %(default)s)")
     g.add_argument("-w", "--work-dir", type=Path, default=None, metavar="DIR",

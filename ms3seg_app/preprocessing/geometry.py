@@ -280,7 +280,7 @@ class SliceGeometry:
         scale, offset = self._inplane()
         out_dtype = ras.dtype if order == 0 else np.float32
         shape = (self.size, self.size, self.ras_shape[2])
-        if _unit(scale):
+        if order in (0, 1) and _unit(scale):  # a spline of higher order would prefilter
             out = _shifted(ras, offset, shape, cval, out_dtype)
         else:
             src = ras if order == 0 else ras.astype(np.float32, copy=False)
@@ -387,9 +387,10 @@ def _shifted(src: np.ndarray, offset, shape: tuple, cval: float, dtype) -> np.nd
     """``out[u, v, ...] = src[u + offset[0], v + offset[1], ...]``, ``cval`` outside ``src``.
 
     What ``ndimage.affine_transform`` computes for a unit-scale map with whole-voxel offsets
-    (linear interpolation at integer coordinates returns the voxel itself), as a copy of the
-    overlap instead of an interpolation per output voxel: 5-10x faster for the 1 mm scans whose
-    voxels are the model's pixels (measured: see the commit).
+    with order 0 or 1 (interpolation at integer coordinates returns the voxel itself; inputs
+    are finite), as a copy of the overlap instead of an interpolation per output voxel: on a
+    1 mm 182x218x182 scan slicing took 0.54 s instead of 0.88 s, mapping 5 channels back
+    0.35 s instead of 1.14 s (2026-12-02).
 
     Parameters
     ----------
