@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from ..preprocessing import to_model_slices
+from ..preprocessing.geometry import per_slice_boxes
 from .card import ModelCard, load_model
 
 LOGGER = logging.getLogger("ms3seg.inference")
@@ -701,16 +702,7 @@ def head_boxes(x: np.ndarray) -> np.ndarray:
     -------
     ndarray (Z, 4) int64, ``[row0, row1, col0, col1)``; empty (zeros) for a slice without head
     """
-    fg = (x > EMPTY_SLICE_MAX).any(axis=-1)
-    boxes = np.zeros((x.shape[0], 4), np.int64)
-    for axis, col in ((2, 0), (1, 2)):
-        along = fg.any(axis=axis)  # (Z, H) rows holding head, then (Z, W) columns
-        n = along.shape[1]
-        held = along.any(axis=1)
-        boxes[:, col] = np.where(held, np.argmax(along, axis=1), 0)
-        boxes[:, col + 1] = np.where(held, n - np.argmax(along[:, ::-1], axis=1), 0)
-    boxes[~fg.any(axis=(1, 2))] = 0
-    return boxes
+    return per_slice_boxes((x > EMPTY_SLICE_MAX).any(axis=-1))
 
 
 def slice_crops(boxes: np.ndarray, h: int, w: int) -> dict:

@@ -241,14 +241,12 @@ class SliceGeometry:
         """
         if tuple(mask.shape) != self.in_shape:
             raise ValueError(f"mask shape {mask.shape} != geometry shape {self.in_shape}")
-        ras = self.to_ras(np.asarray(mask, bool))
-        boxes = np.zeros((self.ras_shape[2], 4), np.int64)
+        voxels = per_slice_boxes(np.moveaxis(self.to_ras(np.asarray(mask, bool)), 2, 0))
+        held = voxels[:, 0] < voxels[:, 1]
+        boxes = np.zeros_like(voxels)
         scale, offset = self._inplane()
-        for axis, (x_any, col) in enumerate(((ras.any(axis=1), 0), (ras.any(axis=0), 2))):
-            held = x_any.any(axis=0)  # (Z,)
-            n = x_any.shape[0]
-            first = np.argmax(x_any, axis=0)
-            last = n - 1 - np.argmax(x_any[::-1], axis=0)
+        for axis, col in ((0, 0), (1, 2)):
+            first, last = voxels[:, col], voxels[:, col + 1] - 1
             # voxel i is read by pixels u with |scale * u + offset - i| < 1
             lo = np.floor((first - 1 - offset[axis]) / scale[axis]).astype(np.int64)
             hi = np.ceil((last + 1 - offset[axis]) / scale[axis]).astype(np.int64) + 1
@@ -375,6 +373,26 @@ class SliceGeometry:
                 out[_box_in_stored_order(self.ornt, self.in_shape, chunk) + (c,)] = self.from_ras(ras)
                 del ras
         return out[..., 0] if squeeze else out
+
+
+def per_slice_boxes(mask: np.ndarray) -> np.ndarray:
+    """The bounding box of each slice of a mask, in its own index space.
+
+    Parameters
+    ----------
+    mask : ndarray (Z, A, B) bool
+
+    Returns
+    -------
+    ndarray (Z, 4) int64, ``[a0, a1, b0, b1)`` per slice; zeros for a slice without True voxels
+    """
+    boxes = np.zeros((mask.shape[0], 4), np.int64)
+    for axis, col in ((2, 0), (1, 2)):
+        along = mask.any(axis=axis)  # (Z, A) rows holding mask, then (Z, B) columns
+        held = along.any(axis=1)
+        boxes[:, col] = np.where(held, np.argmax(along, axis=1), 0)
+        boxes[:, col + 1] = np.where(held, along.shape[1] - np.argmax(along[:, ::-1], axis=1), 0)
+    return boxes
 
 
 def _unit(scale) -> bool:
