@@ -252,6 +252,10 @@ def _load_nets(net: str | None = None) -> dict:
         return _NETS
 
 
+#: Output rows (first axis) of deepbet's last layer computed at a time by :func:`_head`.
+HEAD_CHUNK_ROWS = 32
+
+
 def _head(features: np.ndarray, head_w: np.ndarray, head_b: np.float32, index: list[np.ndarray]) -> np.ndarray:
     """Softmax foreground probability of deepbet's last layer at chosen output voxels.
 
@@ -273,6 +277,18 @@ def _head(features: np.ndarray, head_w: np.ndarray, head_b: np.float32, index: l
         ``index[0][a], index[1][b], index[2][c]``, i.e. the full output indexed with ``np.ix_``.
     """
     index = [np.asarray(i, np.int64) for i in index]
+    # HEAD_CHUNK_ROWS output rows at a time: the gathered features, logits and their 2^3
+    # blocks exist for one chunk, not for the whole box (0.2 GB beside a 512x512x300 head's
+    # probabilities); each voxel's value is computed from its own feature voxel alone
+    out = np.empty(tuple(len(i) for i in index), np.float32)
+    for k in range(0, len(index[0]), HEAD_CHUNK_ROWS):
+        out[k:k + HEAD_CHUNK_ROWS] = _head_rows(features, head_w, head_b,
+                                                [index[0][k:k + HEAD_CHUNK_ROWS], index[1], index[2]])
+    return out
+
+
+def _head_rows(features: np.ndarray, head_w: np.ndarray, head_b: np.float32, index: list[np.ndarray]) -> np.ndarray:
+    """:func:`_head` for one chunk of output rows (``index`` as there, int64)."""
     # only the feature voxels that are read: (|a|, |b|, |c|, 8) logit differences, then
     # depth-to-space into their 2^3 blocks, (2|a|, 2|b|, 2|c|), and the chosen voxels
     used = [np.unique(i // 2) for i in index]
@@ -331,9 +347,14 @@ def _quantile(x: np.ndarray, q: float) -> np.float32:
     return np.float32(a + w * (b - a)) if w < 0.5 else np.float32(b - (b - a) * (np.float32(1) - w))
 
 
-def _normalize(x: np.ndarray, low: np.float32, high: np.float32) -> np.ndarray:
-    """After deepbet.utils.normalize (unbiased std, like torch.Tensor.std)."""
-    x = (x - low) / np.float32(high - low)
+def _normalize(x: np.ndarray, low: np.float32, high: np.float32, copy: bool = True) -> np.ndarray:
+    """After deepbet.utils.normalize (unbiased std, like torch.Tensor.std); ``copy=False``
+    normalises a float32 ``x`` in place (the same float32 operations, so the same values)."""
+    if copy or x.dtype != np.float32:
+        x = (x - low) / np.float32(high - low)
+    else:
+        x -= low
+        x /= np.float32(high - low)
     np.clip(x, 0, 1, out=x)
     # float32 arrays with float64 accumulators: ndarray.std(dtype=float64) would make two
     # float64 copies of a 256^3 volume (1.1 s of 5 s on 2 cores)
@@ -345,12 +366,23 @@ def _normalize(x: np.ndarray, low: np.float32, high: np.float32) -> np.ndarray:
     return x
 
 
+#: Voxels of labels counted at a time by :func:`_largest_component` (bounds its int64 copy).
+LABEL_COUNT_SLAB_VOXELS = 1 << 22
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """After deepbet.utils.keep_largest_connected_component (cc3d default: 26-connectivity)."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return np.zeros(mask.shape, bool)
-    return labels == np.bincount(labels.ravel())[1:].argmax() + 1
+    # voxels per label counted a slab at a time: np.bincount casts its input to int64, a
+    # copy twice the size of the int32 labels (0.27 GB for a 512x512x300 head's box);
+    # ndimage.sum_labels makes the same copy
+    counts = np.zeros(n + 1, np.int64)
+    step = max(1, LABEL_COUNT_SLAB_VOXELS // max(1, labels[0].size))
+    for i in range(0, labels.shape[0], step):
+        counts += np.bincount(labels[i:i + step].ravel(), minlength=n + 1)
+    return labels == counts[1:].argmax() + 1
 
 
 def _bbox_with_margin(mask_small: np.ndarray, shape, margin: float = BBOX_MARGIN) -> tuple[slice, ...] | None:
@@ -529,13 +561,18 @@ def deepbet_mask(img: nib.Nifti1Image, threshold: float = 0.5, stage: BoxStage |
             f"{src}: deepbet found no head in the image; check that it is a head MRI "
             "(FLAIR or T1w) with a correct affine, not a mask or a derived map"
         )
-    crop = _resize_nearest_exact(x[bbox], SHAPE)
+    # normalised in place: one 256^3 float32 volume (64 MiB) fewer beside the network's activations
+    crop = _normalize(_resize_nearest_exact(x[bbox], SHAPE), low, high, copy=False)
     # probabilities only where the nearest-exact resampling back into the box reads them
     into_box = [_nearest_exact_index(n, m) for n, m in zip(SHAPE, x[bbox].shape)]
-    prob_box = _predict("model", _normalize(crop, low, high), into_box)
+    prob_box = _predict("model", crop, into_box)
+    del crop
 
+    brain = prob_box > threshold
+    del prob_box  # freed before labelling (0.14 GB of float32 for a 512x512x300 head's box)
     mask = np.zeros(x.shape, bool)
-    inner = _largest_component(prob_box > threshold)
+    inner = _largest_component(brain)
+    del brain
     if not inner.any():
         raise InputDataError(
             f"{src}: deepbet found no brain in the image (threshold {threshold}); check that "

@@ -203,7 +203,7 @@ def test_network_refuses_parameters_that_do_not_fit():
         be._linknet3d("bbox_model", {k: v for k, v in params.items() if k != "tp_conv2.bias"})
 
 
-def test_head_equals_transposed_convolution_and_softmax_at_any_voxels():
+def test_head_equals_transposed_convolution_and_softmax_at_any_voxels(monkeypatch):
     """The last layer evaluated at chosen voxels (``_head``) equals the full transposed
     2^3 stride-2 convolution + softmax (torch ConvTranspose3d layout), indexed with np.ix_."""
     import keras
@@ -226,6 +226,36 @@ def test_head_equals_transposed_convolution_and_softmax_at_any_voxels():
     idx = [np.array([9, 0, 0, 3, 4]), np.array([11]), np.array([1, 1, 2, 13, 7, 6])]
     np.testing.assert_allclose(be._head(f, head_w, head_b, idx), want[np.ix_(*idx)], atol=1e-6)
     assert be._head(f, head_w, head_b, idx).dtype == np.float32
+    # computed a chunk of output rows at a time (memory): the same values for any chunk size
+    want_idx = be._head(f, head_w, head_b, idx)
+    for rows in (1, 2, 3):
+        monkeypatch.setattr(be, "HEAD_CHUNK_ROWS", rows)
+        np.testing.assert_array_equal(be._head(f, head_w, head_b, idx), want_idx)
+        np.testing.assert_allclose(be._head(f, head_w, head_b, [np.arange(10), np.arange(12), np.arange(14)]),
+                                   want, atol=1e-6)
+
+
+def test_in_place_normalisation_and_slab_counted_largest_component_equal_the_plain_ones(monkeypatch):
+    """The memory-saving forms give the same values: normalising the 256^3 crop in place,
+    and counting component sizes a slab of labels at a time (every slab size)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    x = (rng.gamma(2.0, 100.0, (30, 24, 20)) * (rng.random((30, 24, 20)) > 0.3)).astype(np.float32)
+    low, high = be._quantile(x, 0.005), be._quantile(x, 0.995)
+    want = be._normalize(x, low, high)
+    y = x.copy()
+    got = be._normalize(y, low, high, copy=False)
+    assert got is y
+    np.testing.assert_array_equal(got, want)
+    mask = ndimage.binary_opening(rng.random((30, 24, 20)) > 0.55)
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel())[1:]
+    biggest = labels == sizes.argmax() + 1
+    for slab in (1, 24 * 20 * 3, 10 ** 9):
+        monkeypatch.setattr(be, "LABEL_COUNT_SLAB_VOXELS", slab)
+        np.testing.assert_array_equal(be._largest_component(mask), biggest)
+    assert not be._largest_component(np.zeros((4, 4, 4), bool)).any()
 
 
 def test_predict_on_odd_sizes_is_refused():
