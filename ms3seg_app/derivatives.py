@@ -126,13 +126,17 @@ def image_like(data: np.ndarray, ref: nib.spatialimages.SpatialImage, dtype) -> 
 PROBABILITY_CHUNK_SLICES = 16
 
 
-def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage,
+                      box: tuple | None = None) -> nib.Nifti1Image:
     """A probability map stored compactly: uint8 with ``scl_slope`` 1/255.
 
     Parameters
     ----------
-    prob : ndarray (I, J, K) float in [0, 1]
+    prob : ndarray (I, J, K) float in [0, 1], or (I', J', K') with ``box``
     ref : nibabel image (the input FLAIR)
+    box : tuple of 3 slices, optional
+        The stored-order region of ``ref``'s grid that ``prob`` covers; the map is 0 outside
+        it (a foreground class's probability outside the brain's box).
 
     Returns
     -------
@@ -141,11 +145,18 @@ def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage) -> 
     # PROBABILITY_CHUNK_SLICES slices at a time, in prob's own dtype (the values of converting
     # the whole volume at once): three volume-sized temporaries (470 MB for a 512x512x300
     # float16 map) become three chunk-sized ones
-    q = np.empty(prob.shape, np.uint8)
+    if box is None:
+        q = np.empty(prob.shape, np.uint8)
+        inner = q
+    else:
+        q = np.zeros(ref.shape[:3], np.uint8)
+        inner = q[box]
+        if inner.shape != prob.shape:
+            raise ValueError(f"probabilities {prob.shape} do not fill the box {box} of {ref.shape[:3]}")
     for k in range(0, prob.shape[2], PROBABILITY_CHUNK_SLICES):
         part = np.clip(prob[:, :, k:k + PROBABILITY_CHUNK_SLICES], 0.0, 1.0)
         part *= 255.0
-        q[:, :, k:k + PROBABILITY_CHUNK_SLICES] = np.rint(part, out=part)
+        inner[:, :, k:k + PROBABILITY_CHUNK_SLICES] = np.rint(part, out=part)
     img = image_like(q, ref, np.uint8)
     img.header.set_slope_inter(1.0 / 255.0, 0.0)
     return img

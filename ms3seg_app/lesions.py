@@ -43,7 +43,8 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
 
 def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | None = None,
                  awmh_prob: np.ndarray | None = None, uncertainty: np.ndarray | None = None,
-                 lesion_class: int = LABELS[LESION_CLASS], ventricle_class: int = LABELS["VEN"]) -> pd.DataFrame:
+                 lesion_class: int = LABELS[LESION_CLASS], ventricle_class: int = LABELS["VEN"],
+                 value_box: tuple | None = None) -> pd.DataFrame:
     """One row per abnormal-WMH lesion (:data:`~ms3seg_app.lesion_definition.LESION`).
 
     Parameters
@@ -55,7 +56,7 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
     brain_mask : ndarray (I, J, K) bool, optional
         For the juxtacortical test; without it no lesion is called juxtacortical.
     awmh_prob : ndarray (I, J, K) float, optional
-        Abnormal-WMH probability for the mean-probability column.
+        Abnormal-WMH probability for the mean-probability column (or its ``value_box`` part).
     uncertainty : ndarray (I, J, K) float, optional
         Per-voxel disagreement of the ensemble members (standard deviation of their
         abnormal-WMH probabilities, 0-0.5); the ``uncertainty`` column is its mean over
@@ -65,6 +66,15 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
     lesion_class, ventricle_class : int
         Label values of abnormal WMH and ventricles (from the model card; default the
         MS3SEG tri-mask's, :data:`ms3seg_app.LABELS`).
+    value_box : tuple of 3 slices, optional
+        The stored-order region that ``awmh_prob`` and ``uncertainty`` cover when they are
+        not whole-grid (:attr:`ms3seg_app.model.predict.Prediction.box`, the brain's box,
+        which holds every lesion voxel).
+
+    Raises
+    ------
+    ValueError
+        If a lesion voxel lies outside ``value_box``.
 
     Returns
     -------
@@ -102,6 +112,10 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
     centroids += [s.start for s in box]
     world = (np.c_[centroids, np.ones(n)] @ np.asarray(affine).T)[:, :3]
     absolute = tuple(v + s.start for v, s in zip(vox, box))
+    if value_box is not None:
+        absolute = tuple(v - s.start for v, s in zip(absolute, value_box))
+        if any(v.size and (v.min() < 0 or v.max() >= s.stop - s.start) for v, s in zip(absolute, value_box)):
+            raise ValueError(f"lesion voxels lie outside the probabilities' box {value_box}")
 
     def lesion_mean(vol):
         return np.bincount(ids, weights=np.asarray(vol[absolute], np.float64), minlength=n) / counts

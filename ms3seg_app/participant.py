@@ -131,8 +131,9 @@ def qc_warnings(img, card: ModelCard, probs: np.ndarray, dseg: np.ndarray, mask:
     ----------
     img : Nifti1Image, the FLAIR
     card : ModelCard (its ``training_geometry``)
-    probs : ndarray (I, J, K, C) float32
-    dseg : ndarray (I, J, K) uint8
+    probs : ndarray (I', J', K', C) float, the probabilities in a region of the grid
+        (:attr:`~ms3seg_app.model.predict.Prediction.box`, or the whole grid)
+    dseg : ndarray (I', J', K') uint8, the tri-mask in the same region (0 outside it)
     mask : ndarray (I, J, K) bool brain mask
     """
     import nibabel as nib
@@ -280,16 +281,23 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
                          f"name {used}")
     img, warnings = timer.run("checks", load_flair, fi.path)
     seg_img = timer.run("n4", n4_correct, img) if options.n4 else img
+    # the model's slices are made before brain extraction: their working memory (a copy of the
+    # FLAIR for its intensity percentiles, the head's labels, the normalised FLAIR: 0.3 GB
+    # each for a 512x512x300 scan) is then not added to what deepbet's 256^3 network leaves
+    # held by TensorFlow's allocator
+    slices = timer.run("slicing", predictor.prepare, seg_img)
     mask, method, note = timer.run("brain_extraction", brain_mask, seg_img, options.skull_strip, work_dir)
     if note:
         warnings.append(note)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    pred = timer.run("inference", predictor.predict_image, seg_img, restrict_to_brain(mask, spacing))
+    pred = timer.run("inference", predictor.predict_image, seg_img, restrict_to_brain(mask, spacing), slices=slices)
+    del slices
     # the inference stage in its parts (network, resampling back to the FLAIR grid, ...)
     timer.timings.update({f"inference.{k}": v for k, v in pred.timings.items()})
     awmh = card.lesion_class
-    lesions = timer.run("lesion_analysis", lesion_table, pred.dseg, img.affine, mask, pred.probabilities[..., awmh],
-                        pred.uncertainty, lesion_class=awmh, ventricle_class=card.class_index("VEN"))
+    lesions = timer.run("lesion_analysis", lesion_table, pred.dseg, img.affine, mask,
+                        pred.box_probabilities[..., awmh], pred.box_uncertainty, lesion_class=awmh,
+                        ventricle_class=card.class_index("VEN"), value_box=pred.box)
     volumes = volume_table(pred.dseg, img.affine, lesions, mask, card)
     coreg, coreg_methods = {}, {}
     for mod in ("T1w", "T2w"):
@@ -297,7 +305,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
         if src is not None:
             coreg[mod], coreg_methods[mod] = timer.run(f"coregistration_{mod}", coregister_to_flair, src, img,
                                                        "fsl" if options.skull_strip == "fsl" else "auto", work_dir)
-    warnings += qc_warnings(img, card, pred.probabilities, pred.dseg, mask)
+    warnings += qc_warnings(img, card, pred.box_probabilities, pred.dseg[pred.box], mask)
     t_write = time.perf_counter()
     # ---- derivatives (the dseg sidecar is the completion marker: written last)
     raw = raw_uri(fi.path, bids_dir)
@@ -314,7 +322,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     atomic_write_json(paths["mask_json"], {"Sources": [raw], **space, "Type": "Brain", "Method": method,
                                            "Description": f"brain mask ({method})"})
     for c in card.foreground:
-        atomic_save_nifti(probability_image(pred.probabilities[..., c.index], img),
+        atomic_save_nifti(probability_image(pred.box_probabilities[..., c.index], img, pred.box),
                           paths[f"probseg_{c.abbreviation}"])
         atomic_write_json(paths[f"probseg_{c.abbreviation}_json"], {
             "Sources": [raw], **space, "Label": c.abbreviation, "Description": f"probability of {c.name}",

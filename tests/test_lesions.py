@@ -1,5 +1,6 @@
 """Lesion analysis on hand-made label volumes with known answers."""
 import numpy as np
+import pandas as pd
 import pytest
 
 from ms3seg_app.lesions import lesion_table, volume_table
@@ -34,6 +35,23 @@ def test_lesion_locations_and_geometry():
     assert by[(-22.5, 0.5)]["location"] == "juxtacortical"
     assert by[(-9.5, 15.5)]["location"] == "deep"
     assert list(t["lesion_id"]) == [1, 2, 3]
+
+
+def test_lesion_values_held_for_a_box_give_the_whole_grid_table():
+    """Probabilities and uncertainty held for the brain's box only (``value_box``) give the
+    table of whole-grid arrays; a lesion outside the box is an error, not a wrong mean."""
+    d, aff, brain = _case()
+    d[45, 10, 5] = 0
+    rng = np.random.default_rng(0)
+    prob, unc = rng.random(d.shape), 0.5 * rng.random(d.shape)
+    whole = lesion_table(d, aff, brain, prob, unc)
+    box = (slice(5, 55), slice(5, 55), slice(2, 18))
+    part = lesion_table(d, aff, brain, prob[box], unc[box], value_box=box)
+    pd.testing.assert_frame_equal(part, whole)
+    assert whole["mean_probability"].notna().all() and whole["uncertainty"].notna().all()
+    with pytest.raises(ValueError, match="outside the probabilities' box"):
+        small = (slice(5, 30), slice(5, 55), slice(2, 18))
+        lesion_table(d, aff, brain, prob[small], unc[small], value_box=small)
 
 
 def test_volume_table_in_ml():

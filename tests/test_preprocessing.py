@@ -122,6 +122,31 @@ def test_inverse_within_a_mask_equals_the_whole_grid_inside_its_box(storage):
 
 
 @pytest.mark.parametrize("storage", ["axial", "flipped", "sagittal"])
+def test_inverse_cropped_to_a_mask_is_the_whole_grid_result_in_the_masks_box(storage):
+    """``crop=True`` returns the stored-order bounding box of ``within`` only: the voxels of the
+    whole-grid result there (flipped and permuted storage included); an empty mask gives an
+    empty array."""
+    from ms3seg_app.distance import bounding_box
+
+    img = _stored_phantom(storage)
+    stored = np.asarray(img.dataobj)
+    geom = SliceGeometry.from_image(img, 1.0, 128, centre_on=stored > 0)
+    probs = np.random.default_rng(4).dirichlet(np.ones(4), geom.forward(stored, order=0).shape).astype(np.float32)
+    mask = np.zeros(stored.shape, bool)
+    mask[tuple(slice(n // 5, n - n // 3) for n in stored.shape)] = True
+    mask[tuple(n // 5 for n in stored.shape)] = False  # not a box: the box is the bounding box
+    full = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], within=mask, dtype=np.float16)
+    box = bounding_box(mask)
+    part = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], within=mask, dtype=np.float16, crop=True)
+    assert part.shape == full[box].shape
+    np.testing.assert_array_equal(part, full[box])
+    one = geom.inverse(probs[..., 1], order=1, within=mask, crop=True)
+    np.testing.assert_array_equal(one, geom.inverse(probs[..., 1], order=1)[box])
+    empty = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], within=np.zeros(stored.shape, bool), crop=True)
+    assert empty.size == 0 and empty.shape[-1] == 4
+
+
+@pytest.mark.parametrize("storage", ["axial", "flipped", "sagittal"])
 def test_inverse_in_slice_chunks_equals_one_call(storage, monkeypatch):
     """Chunks of model slices interpolated separately give bit-identical volumes (the slice
     axis maps to itself), whatever the storage order and with or without a box."""

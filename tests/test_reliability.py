@@ -113,6 +113,23 @@ def test_probability_maps_are_quantised_in_chunks_as_a_whole_volume_would_be(dty
     np.testing.assert_array_equal(np.asarray(img.dataobj), want)
 
 
+def test_probability_map_of_a_box_is_the_whole_grid_map_with_zeros_outside():
+    """A class's probabilities held for the brain's box only give the map of the whole-grid
+    array that is 0 outside the box; a box the array does not fill is an error."""
+    from ms3seg_app.derivatives import probability_image
+
+    rng = np.random.default_rng(5)
+    ref = nib.Nifti1Image(np.zeros((30, 26, 40), np.float32), np.eye(4))
+    box = (slice(4, 21), slice(0, 26), slice(7, 38))
+    inner = rng.random((17, 26, 31)).astype(np.float16)
+    whole = np.zeros(ref.shape, np.float16)
+    whole[box] = inner
+    np.testing.assert_array_equal(np.asarray(probability_image(inner, ref, box).dataobj),
+                                  np.asarray(probability_image(whole, ref).dataobj))
+    with pytest.raises(ValueError, match="do not fill the box"):
+        probability_image(inner[1:], ref, box)
+
+
 def test_saved_nifti_is_the_gzip_of_the_uncompressed_file_and_reproducible(tmp_path):
     """atomic_save_nifti streams nibabel's output into gzip (no uncompressed copy in memory):
     the file is the gzip (no timestamp) of the uncompressed one, byte for byte, every time."""

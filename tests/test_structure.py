@@ -224,6 +224,43 @@ def test_slices_without_brain_are_not_run_and_change_nothing_inside_the_mask(tmp
     assert (with_mask.probabilities[~mask][:, 0] == 1).all() and (with_mask.dseg[~mask] == 0).all()
     # the tri-mask made inside the brain's box only is the whole volume's
     np.testing.assert_array_equal(with_mask.dseg, pred.postprocess(with_mask.probabilities, (1.0, 1.0, 5.0)))
+    # probabilities and uncertainty are held for the brain's box only; the whole-grid arrays
+    # are built from them on request
+    assert with_mask.box == (slice(15, 45), slice(15, 55), slice(4, 8))
+    assert with_mask.box_probabilities.shape == (30, 40, 4, 4)
+    assert full.box == (slice(0, 60), slice(0, 70), slice(0, 12)) and full.box_probabilities.shape == (60, 70, 12, 4)
+    np.testing.assert_array_equal(with_mask.probabilities[with_mask.box], with_mask.box_probabilities)
+    np.testing.assert_array_equal(with_mask.probability(2), with_mask.probabilities[..., 2])
+
+
+def test_slices_made_beforehand_give_the_same_prediction_and_serve_once(tmp_path):
+    """The participant makes the model's slices before brain extraction (memory): the
+    prediction is the one predict_image makes itself; the slices are freed by it, and slices
+    of another image, or used ones, are refused."""
+    import nibabel as nib
+
+    from ms3seg_app.model.predict import Predictor
+
+    pred = Predictor.load(_model(tmp_path / "m.keras", seed=5), tta=False)
+    rng = np.random.default_rng(1)
+    data = np.zeros((60, 70, 12), np.float32)
+    data[10:50, 10:60, :] = 300 + 50 * rng.random((40, 50, 12))
+    img = nib.Nifti1Image(data, np.diag([1.0, 1.0, 5.0, 1.0]))
+    mask = np.zeros(data.shape, bool)
+    mask[15:45, 15:55, 2:10] = True
+    direct = pred.predict_image(img, mask)
+    slices = pred.prepare(img)
+    assert slices.x is not None and slices.shape == (60, 70, 12)
+    early = pred.predict_image(img, mask, slices=slices)
+    assert slices.x is None  # freed once run
+    np.testing.assert_array_equal(early.dseg, direct.dseg)
+    np.testing.assert_array_equal(early.box_probabilities, direct.box_probabilities)
+    assert "slicing" in direct.timings and "slicing" not in early.timings
+    with pytest.raises(ValueError, match="used: True"):
+        pred.predict_image(img, mask, slices=slices)
+    other = nib.Nifti1Image(data[:, :, :10], img.affine)
+    with pytest.raises(ValueError, match="cannot serve"):
+        pred.predict_image(other, slices=pred.prepare(img))
 
 
 def test_predictor_reads_current_weights_of_a_network_still_training(tmp_path):

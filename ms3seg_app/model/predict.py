@@ -40,25 +40,79 @@ CROP_MARGIN_PX = 16
 class Prediction:
     """Result of :meth:`Predictor.predict_image`.
 
+    Probabilities and uncertainty are held for the brain's bounding box only (``box``):
+    outside it every voxel is background with probability 1 (the others 0, uncertainty 0,
+    tri-mask 0): the synthetic 512x512x300 head of ``benchmarks/bench_speed.py --big`` holds
+    0.30 of its 4-class volume (181 instead of 600 MiB). The
+    whole-grid arrays are :attr:`probabilities` and :attr:`uncertainty` (built on request).
+
     Attributes
     ----------
-    probabilities : ndarray (I, J, K, C) float16
-        Per-class probabilities on the input voxel grid (stored order), summing to 1;
-        C = number of classes in the card.
+    box_probabilities : ndarray (I', J', K', C) float16
+        Per-class probabilities within ``box`` (stored order), summing to 1; C = number of
+        classes in the card.
     dseg : ndarray (I, J, K) uint8
-        Argmax, then the card's post-processing (:mod:`ms3seg_app.trimask`).
-    uncertainty : ndarray (I, J, K) float16, or None
-        Standard deviation across ensemble members of the abnormal-WMH probability
-        (0 where they agree; at most 0.5); None for a single network (no spread to measure).
+        Argmax, then the card's post-processing (:mod:`ms3seg_app.trimask`), whole grid.
+    box_uncertainty : ndarray (I', J', K') float16, or None
+        Standard deviation across ensemble members of the abnormal-WMH probability within
+        ``box`` (0 where they agree; at most 0.5); None for a single network (no spread).
+    box : tuple of 3 slices
+        The stored-order region of the ``box_*`` arrays: the bounding box of the brain mask
+        given to :meth:`Predictor.predict_image` (empty for an empty mask), or the whole grid.
     timings : dict
-        Seconds of ``slicing`` (reorientation, resampling, normalisation), ``network``,
+        Seconds of ``slicing`` (reorientation, resampling, normalisation; absent when the
+        slices were made beforehand by :meth:`Predictor.prepare`), ``network``,
         ``inverse_resampling`` (onto the input grid) and ``postprocessing``.
     """
 
-    probabilities: np.ndarray
+    box_probabilities: np.ndarray
     dseg: np.ndarray
-    uncertainty: np.ndarray | None
+    box_uncertainty: np.ndarray | None
+    box: tuple
     timings: dict = field(default_factory=dict)
+
+    def probability(self, c: int) -> np.ndarray:
+        """Class ``c``'s probability on the whole grid: ndarray (I, J, K) float16."""
+        out = np.full(self.dseg.shape, 1.0 if c == 0 else 0.0, self.box_probabilities.dtype)
+        out[self.box] = self.box_probabilities[..., c]
+        return out
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """All classes on the whole grid: ndarray (I, J, K, C) float16 (a new array)."""
+        return np.stack([self.probability(c) for c in range(self.box_probabilities.shape[-1])], axis=-1)
+
+    @property
+    def uncertainty(self) -> np.ndarray | None:
+        """The uncertainty on the whole grid: ndarray (I, J, K) float16 (a new array), or None."""
+        if self.box_uncertainty is None:
+            return None
+        out = np.zeros(self.dseg.shape, self.box_uncertainty.dtype)
+        out[self.box] = self.box_uncertainty
+        return out
+
+
+@dataclass
+class ModelSlices:
+    """A FLAIR resampled to the model's slices (:meth:`Predictor.prepare`), for one prediction.
+
+    Attributes
+    ----------
+    geometry : SliceGeometry
+        How the slices map to the FLAIR's voxel grid and back.
+    x : ndarray (Z, H, W[, channels]) float32, or None
+        Normalised axial RAS+ slices; None once :meth:`Predictor.predict_image` has run
+        them (it frees them: 75 MiB for a 512x512x300 scan).
+    seconds : float
+        Time it took to make them.
+    shape : tuple of 3 int
+        The FLAIR's stored shape (a check that the slices are this FLAIR's).
+    """
+
+    geometry: object
+    x: np.ndarray | None
+    seconds: float
+    shape: tuple
 
 
 class Predictor:
@@ -252,7 +306,24 @@ class Predictor:
                         spread[z, r0:r1, c0:c1] = sd[j]
         return mean, spread
 
-    def predict_image(self, img: nib.spatialimages.SpatialImage, mask: np.ndarray | None = None) -> Prediction:
+    def prepare(self, img: nib.spatialimages.SpatialImage) -> ModelSlices:
+        """Reorient, resample and normalise a FLAIR into the model's slices (the card's
+        ``preprocessing``, :func:`~ms3seg_app.preprocessing.to_model_slices`).
+
+        Parameters
+        ----------
+        img : nibabel image, 3D, any storage order
+
+        Returns
+        -------
+        ModelSlices, for one :meth:`predict_image` of ``img``
+        """
+        t0 = time.perf_counter()
+        geom, x = to_model_slices(img, self.card.preprocessing)
+        return ModelSlices(geom, x, time.perf_counter() - t0, tuple(int(v) for v in img.shape[:3]))
+
+    def predict_image(self, img: nib.spatialimages.SpatialImage, mask: np.ndarray | None = None,
+                      slices: ModelSlices | None = None) -> Prediction:
         """Segment a 3D FLAIR.
 
         Parameters
@@ -261,13 +332,27 @@ class Predictor:
             FLAIR (whole head or skull-stripped).
         mask : ndarray (I, J, K) bool, stored order, optional
             Region where findings are kept (brain); outside it the voxels are background.
+        slices : ModelSlices, optional
+            ``self.prepare(img)``, made earlier (e.g. before brain extraction, while little
+            memory is in use); used once: its pixels are freed here.
+
+        Raises
+        ------
+        ValueError
+            If ``slices`` were made for an image of another shape, or were used already.
 
         Returns
         -------
         Prediction on the input voxel grid.
         """
-        t0 = time.perf_counter()
-        geom, x = to_model_slices(img, self.card.preprocessing)
+        made_here = slices is None
+        if made_here:
+            slices = self.prepare(img)
+        elif slices.x is None or tuple(slices.shape) != tuple(img.shape[:3]):
+            raise ValueError(f"model slices of an image of shape {slices.shape} (used: {slices.x is None}) "
+                             f"cannot serve a prediction of an image of shape {img.shape[:3]}")
+        geom, x = slices.geometry, slices.x
+        slices.x = None
         t1 = time.perf_counter()
         # slices without brain are not run: outside the mask every voxel is background
         run = boxes = None
@@ -281,40 +366,43 @@ class Predictor:
         t2 = time.perf_counter()
         n = p.shape[-1]
         # linear interpolation of per-slice softmax maps (and of the background cval 1, 0, ...)
-        # keeps them summing to 1: no renormalisation pass over the whole volume is needed
-        probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1), dtype=PROB_DTYPE, within=mask)
+        # keeps them summing to 1: no renormalisation pass over the whole volume is needed.
+        # With a brain mask, only its bounding box is held: outside it all is background.
+        crop = mask is not None
+        probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1), dtype=PROB_DTYPE, within=mask, crop=crop)
         del p
         np.clip(probs, 0.0, 1.0, out=probs)
         # a single network has no spread: no map (the lesion table says n/a, not "agreement")
         unc = None if len(self.models) == 1 else geom.inverse(spread, order=1, cval=0.0, dtype=PROB_DTYPE,
-                                                               within=mask)
+                                                               within=mask, crop=crop)
         del spread
         if unc is not None:
             np.clip(unc, 0.0, 0.5, out=unc)
+        shape = tuple(int(v) for v in img.shape[:3])
+        box = tuple(slice(0, v) for v in shape)
         if mask is not None:
+            from ..distance import bounding_box
+
+            inside = np.asarray(mask, bool)
+            box = bounding_box(inside) or (slice(0, 0),) * 3
+            inside = inside[box]
             # in place, without boolean indexing (which builds int64 index arrays: 1.9 GB for
             # a 512x512x300 scan)
-            inside = np.asarray(mask, bool)
             probs *= inside[..., None]
             np.copyto(probs[..., 0], 1.0, where=~inside)
             if unc is not None:
                 unc *= inside
         t3 = time.perf_counter()
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-        if mask is None:
-            dseg = self.postprocess(probs, spacing)
-        else:
-            # outside the brain every voxel is background with probability 1: the tri-mask
-            # (argmax, components, distances) is made inside the brain's box only
-            from ..distance import bounding_box
-
-            dseg = np.zeros(probs.shape[:-1], np.uint8)
-            box = bounding_box(mask)
-            if box is not None:
-                dseg[box] = self.postprocess(probs[box], spacing)
-        timings = {"slicing": t1 - t0, "network": t2 - t1, "inverse_resampling": t3 - t2,
-                   "postprocessing": time.perf_counter() - t3}
-        return Prediction(probs, dseg, unc, timings)
+        # outside the brain every voxel is background with probability 1: the tri-mask
+        # (argmax, components, distances) is made inside the brain's box only
+        dseg = np.zeros(shape, np.uint8)
+        if probs.size:
+            dseg[box] = self.postprocess(probs, spacing)
+        # slicing is part of this call's time only when it made the slices
+        timings = ({"slicing": slices.seconds} if made_here else {}) | {
+            "network": t2 - t1, "inverse_resampling": t3 - t2, "postprocessing": time.perf_counter() - t3}
+        return Prediction(probs, dseg, unc, box, timings)
 
     def postprocess(self, probs: np.ndarray, spacing) -> np.ndarray:
         """Tri-mask from probabilities with the card's post-processing.
