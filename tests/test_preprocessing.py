@@ -121,6 +121,18 @@ def test_inverse_within_a_mask_equals_the_whole_grid_inside_its_box(storage):
     assert (outside == np.eye(4, dtype=np.float32)[0]).all()
 
 
+def _random_probabilities(storage: str, seed: int):
+    """The stored phantom's geometry, its voxels, random 4-class model-slice probabilities
+    (float32, summing to 1) and a box mask away from the edges."""
+    img = _stored_phantom(storage)
+    stored = np.asarray(img.dataobj)
+    geom = SliceGeometry.from_image(img, 1.0, 128, centre_on=stored > 0)
+    probs = np.random.default_rng(seed).dirichlet(np.ones(4), geom.forward(stored, order=0).shape)
+    mask = np.zeros(stored.shape, bool)
+    mask[tuple(slice(n // 5, n - n // 3) for n in stored.shape)] = True
+    return geom, stored, probs.astype(np.float32), mask
+
+
 @pytest.mark.parametrize("storage", ["axial", "flipped", "sagittal"])
 def test_inverse_cropped_to_a_mask_is_the_whole_grid_result_in_the_masks_box(storage):
     """``crop=True`` returns the stored-order bounding box of ``within`` only: the voxels of the
@@ -128,12 +140,7 @@ def test_inverse_cropped_to_a_mask_is_the_whole_grid_result_in_the_masks_box(sto
     empty array."""
     from ms3seg_app.distance import bounding_box
 
-    img = _stored_phantom(storage)
-    stored = np.asarray(img.dataobj)
-    geom = SliceGeometry.from_image(img, 1.0, 128, centre_on=stored > 0)
-    probs = np.random.default_rng(4).dirichlet(np.ones(4), geom.forward(stored, order=0).shape).astype(np.float32)
-    mask = np.zeros(stored.shape, bool)
-    mask[tuple(slice(n // 5, n - n // 3) for n in stored.shape)] = True
+    geom, stored, probs, mask = _random_probabilities(storage, seed=4)
     mask[tuple(n // 5 for n in stored.shape)] = False  # not a box: the box is the bounding box
     full = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], within=mask, dtype=np.float16)
     box = bounding_box(mask)
@@ -152,12 +159,7 @@ def test_inverse_in_slice_chunks_equals_one_call(storage, monkeypatch):
     axis maps to itself), whatever the storage order and with or without a box."""
     import ms3seg_app.preprocessing.geometry as g
 
-    img = _stored_phantom(storage)
-    stored = np.asarray(img.dataobj)
-    geom = SliceGeometry.from_image(img, 1.0, 128, centre_on=stored > 0)
-    probs = np.random.default_rng(3).dirichlet(np.ones(4), geom.forward(stored, order=0).shape).astype(np.float32)
-    mask = np.zeros(stored.shape, bool)
-    mask[tuple(slice(n // 5, n - n // 3) for n in stored.shape)] = True
+    geom, stored, probs, mask = _random_probabilities(storage, seed=3)
     nz = geom.ras_shape[2]
     results = {}
     for chunk in (10 ** 6, 3, 1):

@@ -1,11 +1,9 @@
 """Issue 11: one source of truth (model card), a cache that cannot lie, one lesion definition."""
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 import pytest
 
 from conftest import ROOT
@@ -199,17 +197,20 @@ def test_group_uses_the_card_each_sidecar_names(tmp_path):
     assert bool(df["qc_geometry"].iloc[0]) and "geometry outside training" in df["qc_flags"].iloc[0]
 
 
+def _clinical_like(seed: int):
+    """A 60x70x12 volume of 1x1x5 mm voxels, noisy tissue in a box: (data float32, image)."""
+    rng = np.random.default_rng(seed)
+    data = np.zeros((60, 70, 12), np.float32)
+    data[10:50, 10:60, :] = 300 + 50 * rng.random((40, 50, 12))
+    return data, nib.Nifti1Image(data, np.diag([1.0, 1.0, 5.0, 1.0]))
+
+
 def test_slices_without_brain_are_not_run_and_change_nothing_inside_the_mask(tmp_path):
     """Inference skips slices outside the brain mask; inside the mask the result is unchanged."""
-    import nibabel as nib
-
     from ms3seg_app.model.predict import Predictor
 
     pred = Predictor.load(_model(tmp_path / "m.keras", seed=3), tta=False)
-    rng = np.random.default_rng(0)
-    data = np.zeros((60, 70, 12), np.float32)
-    data[10:50, 10:60, :] = 300 + 50 * rng.random((40, 50, 12))
-    img = nib.Nifti1Image(data, np.diag([1.0, 1.0, 5.0, 1.0]))
+    data, img = _clinical_like(seed=0)
     mask = np.zeros(data.shape, bool)
     mask[15:45, 15:55, 4:8] = True
     calls = []
@@ -237,15 +238,10 @@ def test_slices_made_beforehand_give_the_same_prediction_and_serve_once(tmp_path
     """The participant makes the model's slices before brain extraction (memory): the
     prediction is the one predict_image makes itself; the slices are freed by it, and slices
     of another image, or used ones, are refused."""
-    import nibabel as nib
-
     from ms3seg_app.model.predict import Predictor
 
     pred = Predictor.load(_model(tmp_path / "m.keras", seed=5), tta=False)
-    rng = np.random.default_rng(1)
-    data = np.zeros((60, 70, 12), np.float32)
-    data[10:50, 10:60, :] = 300 + 50 * rng.random((40, 50, 12))
-    img = nib.Nifti1Image(data, np.diag([1.0, 1.0, 5.0, 1.0]))
+    data, img = _clinical_like(seed=1)
     mask = np.zeros(data.shape, bool)
     mask[15:45, 15:55, 2:10] = True
     direct = pred.predict_image(img, mask)
