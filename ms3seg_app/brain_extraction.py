@@ -288,7 +288,17 @@ def _head(features: np.ndarray, head_w: np.ndarray, head_b: np.float32, index: l
 
 
 def _head_rows(features: np.ndarray, head_w: np.ndarray, head_b: np.float32, index: list[np.ndarray]) -> np.ndarray:
-    """:func:`_head` for one chunk of output rows (``index`` as there, int64)."""
+    """:func:`_head` for one chunk of output rows.
+
+    Parameters
+    ----------
+    features, head_w, head_b : as for :func:`_head`
+    index : list of 3 int64 ndarrays, the chunk's rows and all columns and slices
+
+    Returns
+    -------
+    ndarray float32 ``(len(index[0]), len(index[1]), len(index[2]))``
+    """
     # only the feature voxels that are read: (|a|, |b|, |c|, 8) logit differences, then
     # depth-to-space into their 2^3 blocks, (2|a|, 2|b|, 2|c|), and the chosen voxels
     used = [np.unique(i // 2) for i in index]
@@ -348,8 +358,21 @@ def _quantile(x: np.ndarray, q: float) -> np.float32:
 
 
 def _normalize(x: np.ndarray, low: np.float32, high: np.float32, copy: bool = True) -> np.ndarray:
-    """After deepbet.utils.normalize (unbiased std, like torch.Tensor.std); ``copy=False``
-    normalises a float32 ``x`` in place (the same float32 operations, so the same values)."""
+    """After deepbet.utils.normalize (unbiased std, like torch.Tensor.std).
+
+    Parameters
+    ----------
+    x : ndarray, any shape, float32 (other dtypes are converted, so copied)
+    low, high : numpy.float32
+        Intensities mapped to 0 and 1 before clipping (deepbet's 0.5 % and 99.5 % quantiles).
+    copy : bool
+        False: normalise a float32 ``x`` in place (the same float32 operations, so the same
+        values) and return it.
+
+    Returns
+    -------
+    ndarray of ``x``'s shape, float32
+    """
     if copy or x.dtype != np.float32:
         x = (x - low) / np.float32(high - low)
     else:

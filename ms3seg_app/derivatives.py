@@ -138,6 +138,11 @@ def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage,
         The stored-order region of ``ref``'s grid that ``prob`` covers; the map is 0 outside
         it (a foreground class's probability outside the brain's box).
 
+    Raises
+    ------
+    ValueError
+        If ``prob`` does not have the shape of ``ref``'s grid, or of ``box``.
+
     Returns
     -------
     Nifti1Image whose scaled data equal ``prob`` within 0.5/255; exact zeros stay 0.
@@ -146,6 +151,9 @@ def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage,
     # the whole volume at once): three volume-sized temporaries (470 MB for a 512x512x300
     # float16 map) become three chunk-sized ones
     if box is None:
+        if tuple(prob.shape) != tuple(ref.shape[:3]):
+            raise ValueError(f"probabilities {prob.shape} are not on the grid of {ref.shape[:3]}; "
+                             "give the box they cover")
         q = np.empty(prob.shape, np.uint8)
         inner = q
     else:

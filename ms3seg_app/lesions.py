@@ -74,7 +74,8 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
     Raises
     ------
     ValueError
-        If a lesion voxel lies outside ``value_box``.
+        If ``awmh_prob`` or ``uncertainty`` is not the shape of ``dseg`` (or of ``value_box``),
+        or a lesion voxel lies outside ``value_box``.
 
     Returns
     -------
@@ -112,7 +113,12 @@ def lesion_table(dseg: np.ndarray, affine: np.ndarray, brain_mask: np.ndarray | 
     centroids += [s.start for s in box]
     world = (np.c_[centroids, np.ones(n)] @ np.asarray(affine).T)[:, :3]
     absolute = tuple(v + s.start for v, s in zip(vox, box))
-    if value_box is not None:
+    region = dseg.shape if value_box is None else tuple(s.stop - s.start for s in value_box)
+    for name, vol in (("awmh_prob", awmh_prob), ("uncertainty", uncertainty)):
+        if vol is not None and tuple(np.shape(vol)) != tuple(region):
+            raise ValueError(f"{name} has shape {np.shape(vol)}, expected {tuple(region)} "
+                             f"({'the tri-mask' if value_box is None else 'value_box'})")
+    if value_box is not None and (awmh_prob is not None or uncertainty is not None):
         absolute = tuple(v - s.start for v, s in zip(absolute, value_box))
         if any(v.size and (v.min() < 0 or v.max() >= s.stop - s.start) for v, s in zip(absolute, value_box)):
             raise ValueError(f"lesion voxels lie outside the probabilities' box {value_box}")

@@ -135,6 +135,10 @@ def qc_warnings(img, card: ModelCard, probs: np.ndarray, dseg: np.ndarray, mask:
         (:attr:`~ms3seg_app.model.predict.Prediction.box`, or the whole grid)
     dseg : ndarray (I', J', K') uint8, the tri-mask in the same region (0 outside it)
     mask : ndarray (I, J, K) bool brain mask
+
+    Returns
+    -------
+    list of str, one sentence per warning (empty when nothing is unusual)
     """
     import nibabel as nib
 

@@ -52,6 +52,10 @@ def test_lesion_values_held_for_a_box_give_the_whole_grid_table():
     with pytest.raises(ValueError, match="outside the probabilities' box"):
         small = (slice(5, 30), slice(5, 55), slice(2, 18))
         lesion_table(d, aff, brain, prob[small], unc[small], value_box=small)
+    with pytest.raises(ValueError, match="awmh_prob has shape"):
+        lesion_table(d, aff, brain, prob[box], unc[box])  # a box's arrays without value_box
+    # nothing to read: the box is not consulted
+    assert len(lesion_table(d, aff, brain, value_box=(slice(0, 1),) * 3)) == 3
 
 
 def test_volume_table_in_ml():

@@ -137,3 +137,38 @@ def test_members_run_end_to_end_recorded_and_flagged_by_the_group(tmp_path):
     df = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t", dtype={"participant_id": str})
     flagged = {p for p, f in zip(df["participant_id"], df["qc_flags"].fillna("")) if "other model, members or inference options" in f}
     assert flagged == {"sub-02"}, df[["participant_id", "model_members", "qc_flags"]]
+
+
+def test_ensemble_with_a_brain_mask_on_flipped_storage_keeps_its_uncertainty_in_the_box(tmp_path):
+    """With a brain mask, probabilities and uncertainty are held for the mask's box (flipped,
+    permuted storage): inside the mask they are the maskless run's, outside the box the
+    whole-grid arrays are background (1, 0, ...) and 0; an empty mask gives empty boxes,
+    an all-background tri-mask and whole-grid maps of background."""
+    from ms3seg_app.derivatives import probability_image
+    from ms3seg_app.distance import bounding_box
+    from ms3seg_app.model.predict import Predictor
+
+    pred = Predictor.load(_ensemble(tmp_path, 2), tta=False)
+    rng = np.random.default_rng(3)
+    data = np.zeros((44, 40, 8), np.float32)
+    data[6:38, 5:35, 1:7] = 100.0 + 30.0 * rng.random((32, 30, 6))
+    aff = np.diag([-1.0, 1.0, 4.0, 1.0])  # L-R flipped storage
+    img = nib.Nifti1Image(data, aff).as_reoriented(np.array([[1, 1], [0, -1], [2, 1]], float))
+    mask = np.zeros(img.shape, bool)
+    mask[8:30, 10:34, 2:6] = True
+    mask[8, 10, 2] = False
+    full = pred.predict_image(img)
+    boxed = pred.predict_image(img, mask)
+    assert boxed.box == bounding_box(mask) and boxed.box_uncertainty.shape == boxed.box_probabilities.shape[:3]
+    np.testing.assert_allclose(boxed.uncertainty[mask].astype(float), full.uncertainty[mask].astype(float), atol=2e-3)
+    np.testing.assert_allclose(boxed.probabilities[mask].astype(float), full.probabilities[mask].astype(float),
+                               atol=2e-3)
+    outside = np.ones(img.shape, bool)
+    outside[boxed.box] = False
+    assert (boxed.uncertainty[outside] == 0).all() and (boxed.probabilities[outside][:, 0] == 1).all()
+    assert (boxed.probabilities[outside][:, 1:] == 0).all()
+    empty = pred.predict_image(img, np.zeros(img.shape, bool))
+    assert empty.box_probabilities.size == 0 and not empty.dseg.any()
+    assert (empty.probability(0) == 1).all() and (empty.probabilities[..., 1:] == 0).all()
+    assert not empty.uncertainty.any()
+    assert not np.asarray(probability_image(empty.box_probabilities[..., 3], img, empty.box).dataobj).any()

@@ -128,6 +128,8 @@ def test_probability_map_of_a_box_is_the_whole_grid_map_with_zeros_outside():
                                   np.asarray(probability_image(whole, ref).dataobj))
     with pytest.raises(ValueError, match="do not fill the box"):
         probability_image(inner[1:], ref, box)
+    with pytest.raises(ValueError, match="give the box they cover"):
+        probability_image(inner, ref)  # a box's array without its box: refused, not misplaced
 
 
 def test_saved_nifti_is_the_gzip_of_the_uncompressed_file_and_reproducible(tmp_path):

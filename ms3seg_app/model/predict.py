@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from ..preprocessing import to_model_slices
-from ..preprocessing.geometry import per_slice_boxes
+from ..preprocessing.geometry import SliceGeometry, per_slice_boxes
 from .card import ModelCard, load_model
 
 LOGGER = logging.getLogger("ms3seg.inference")
@@ -72,15 +72,31 @@ class Prediction:
     timings: dict = field(default_factory=dict)
 
     def probability(self, c: int) -> np.ndarray:
-        """Class ``c``'s probability on the whole grid: ndarray (I, J, K) float16."""
+        """Class ``c``'s probability on the whole grid.
+
+        Returns
+        -------
+        ndarray (I, J, K) of ``box_probabilities``' dtype (float16), a new array: outside
+        ``box`` 1 for class 0 (background, the card's rule) and 0 for the others.
+
+        Raises
+        ------
+        IndexError
+            If ``c`` is not a class index.
+        """
         out = np.full(self.dseg.shape, 1.0 if c == 0 else 0.0, self.box_probabilities.dtype)
         out[self.box] = self.box_probabilities[..., c]
         return out
 
     @property
     def probabilities(self) -> np.ndarray:
-        """All classes on the whole grid: ndarray (I, J, K, C) float16 (a new array)."""
-        return np.stack([self.probability(c) for c in range(self.box_probabilities.shape[-1])], axis=-1)
+        """All classes on the whole grid: ndarray (I, J, K, C) float16, a new array (built
+        at each access: keep it rather than asking again)."""
+        n = self.box_probabilities.shape[-1]
+        out = np.zeros(self.dseg.shape + (n,), self.box_probabilities.dtype)
+        out[..., 0] = 1.0
+        out[self.box] = self.box_probabilities
+        return out
 
     @property
     def uncertainty(self) -> np.ndarray | None:
@@ -106,10 +122,12 @@ class ModelSlices:
     seconds : float
         Time it took to make them.
     shape : tuple of 3 int
-        The FLAIR's stored shape (a check that the slices are this FLAIR's).
+        The FLAIR's stored shape (a check that the slices are this FLAIR's: the caller gives
+        the same image, e.g. the N4-corrected one, to :meth:`Predictor.prepare` and to
+        :meth:`Predictor.predict_image`).
     """
 
-    geometry: object
+    geometry: SliceGeometry
     x: np.ndarray | None
     seconds: float
     shape: tuple
@@ -343,7 +361,9 @@ class Predictor:
 
         Returns
         -------
-        Prediction on the input voxel grid.
+        Prediction on the input voxel grid: the tri-mask on the whole grid, probabilities and
+        uncertainty for the brain mask's bounding box (``Prediction.box``; the whole grid
+        without ``mask``).
         """
         made_here = slices is None
         if made_here:
@@ -385,6 +405,8 @@ class Predictor:
 
             inside = np.asarray(mask, bool)
             box = bounding_box(inside) or (slice(0, 0),) * 3
+            if probs.shape[:3] != tuple(b.stop - b.start for b in box):
+                raise RuntimeError(f"the probabilities' box {probs.shape[:3]} is not the brain mask's {box}")
             inside = inside[box]
             # in place, without boolean indexing (which builds int64 index arrays: 1.9 GB for
             # a 512x512x300 scan)
