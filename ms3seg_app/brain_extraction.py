@@ -389,23 +389,16 @@ def _normalize(x: np.ndarray, low: np.float32, high: np.float32, copy: bool = Tr
     return x
 
 
-#: Voxels of labels counted at a time by :func:`_largest_component` (bounds its int64 copy).
-LABEL_COUNT_SLAB_VOXELS = 1 << 22
-
-
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """After deepbet.utils.keep_largest_connected_component (cc3d default: 26-connectivity)."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return np.zeros(mask.shape, bool)
-    # voxels per label counted a slab at a time: np.bincount casts its input to int64, a
-    # copy twice the size of the int32 labels (0.27 GB for a 512x512x300 head's box);
-    # ndimage.sum_labels makes the same copy
-    counts = np.zeros(n + 1, np.int64)
-    step = max(1, LABEL_COUNT_SLAB_VOXELS // max(1, labels[0].size))
-    for i in range(0, labels.shape[0], step):
-        counts += np.bincount(labels[i:i + step].ravel(), minlength=n + 1)
-    return labels == counts[1:].argmax() + 1
+    # voxels per label counted a slice at a time (label_counts): np.bincount of the whole
+    # volume would copy the int32 labels to int64 (0.27 GB for a 512x512x300 head's box)
+    from .distance import label_counts
+
+    return labels == label_counts(labels, n + 1)[1:].argmax() + 1
 
 
 def _bbox_with_margin(mask_small: np.ndarray, shape, margin: float = BBOX_MARGIN) -> tuple[slice, ...] | None:

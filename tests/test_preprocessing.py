@@ -2,6 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ms3seg_app.distance import bounding_box
 from ms3seg_app.exceptions import InputDataError
 from ms3seg_app.preprocessing import SliceGeometry, normalize
 from conftest import phantom_labels
@@ -115,7 +116,7 @@ def test_inverse_within_a_mask_equals_the_whole_grid_inside_its_box(storage):
     idx = [slice(n // 4, n // 2 + 1) for n in stored.shape]
     mask[tuple(idx)] = True
     full = geom.inverse(onehot, order=1, cval=[1, 0, 0, 0])
-    part = geom.inverse(onehot, order=1, cval=[1, 0, 0, 0], within=mask)
+    part = geom.inverse(onehot, order=1, cval=[1, 0, 0, 0], box=bounding_box(mask))
     np.testing.assert_array_equal(part[mask], full[mask])
     outside = part[~mask.any(axis=(1, 2))]
     assert (outside == np.eye(4, dtype=np.float32)[0]).all()
@@ -135,21 +136,19 @@ def _random_probabilities(storage: str, seed: int):
 
 @pytest.mark.parametrize("storage", ["axial", "flipped", "sagittal"])
 def test_inverse_cropped_to_a_mask_is_the_whole_grid_result_in_the_masks_box(storage):
-    """``crop=True`` returns the stored-order bounding box of ``within`` only: the voxels of the
+    """``crop=True`` returns the stored-order box (a mask's bounding box) only: the voxels of the
     whole-grid result there (flipped and permuted storage included); an empty mask gives an
     empty array."""
-    from ms3seg_app.distance import bounding_box
-
     geom, stored, probs, mask = _random_probabilities(storage, seed=4)
     mask[tuple(n // 5 for n in stored.shape)] = False  # not a box: the box is the bounding box
-    full = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], within=mask, dtype=np.float16)
     box = bounding_box(mask)
-    part = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], within=mask, dtype=np.float16, crop=True)
+    full = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], box=box, dtype=np.float16)
+    part = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], box=box, dtype=np.float16, crop=True)
     assert part.shape == full[box].shape
     np.testing.assert_array_equal(part, full[box])
-    one = geom.inverse(probs[..., 1], order=1, within=mask, crop=True)
+    one = geom.inverse(probs[..., 1], order=1, box=box, crop=True)
     np.testing.assert_array_equal(one, geom.inverse(probs[..., 1], order=1)[box])
-    empty = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], within=np.zeros(stored.shape, bool), crop=True)
+    empty = geom.inverse(probs, order=1, cval=[1, 0, 0, 0], box=(slice(0, 0),) * 3, crop=True)
     assert empty.size == 0 and empty.shape[-1] == 4
 
 
@@ -165,7 +164,7 @@ def test_inverse_in_slice_chunks_equals_one_call(storage, monkeypatch):
     for chunk in (10 ** 6, 3, 1):
         monkeypatch.setattr(g, "INVERSE_CHUNK_SLICES", chunk)
         results[chunk] = (geom.inverse(probs, order=1, cval=[1, 0, 0, 0]),
-                          geom.inverse(probs, order=1, cval=[1, 0, 0, 0], within=mask, dtype=np.float16))
+                          geom.inverse(probs, order=1, cval=[1, 0, 0, 0], box=bounding_box(mask), dtype=np.float16))
     assert nz > 3
     for chunk in (3, 1):
         np.testing.assert_array_equal(results[chunk][0], results[10 ** 6][0])
@@ -193,9 +192,9 @@ def test_unit_scale_maps_are_copies_equal_to_the_interpolation(monkeypatch, orde
     fast_fwd = geom.forward(data, order=order, cval=0.25 if order else 0)
     slices = rng.random((7, 256, 256, 2)).astype(np.float32)
     fast_inv = [geom.inverse(slices, order=order, cval=[1.0, 0.0]),
-                geom.inverse(slices, order=order, cval=[1.0, 0.0], within=within, dtype=np.float16)]
+                geom.inverse(slices, order=order, cval=[1.0, 0.0], box=bounding_box(within), dtype=np.float16)]
     monkeypatch.setattr(geometry, "_unit", lambda scale: False)
     np.testing.assert_array_equal(fast_fwd, geom.forward(data, order=order, cval=0.25 if order else 0))
     np.testing.assert_array_equal(fast_inv[0], geom.inverse(slices, order=order, cval=[1.0, 0.0]))
-    np.testing.assert_array_equal(fast_inv[1], geom.inverse(slices, order=order, cval=[1.0, 0.0], within=within,
+    np.testing.assert_array_equal(fast_inv[1], geom.inverse(slices, order=order, cval=[1.0, 0.0], box=bounding_box(within),
                                                             dtype=np.float16))

@@ -71,6 +71,13 @@ class Prediction:
     box: tuple
     timings: dict = field(default_factory=dict)
 
+    def _on_grid(self, values: np.ndarray, outside) -> np.ndarray:
+        """``values`` (held for ``box``) on the whole grid, ``outside`` elsewhere (a new array)."""
+        out = np.empty(self.dseg.shape + values.shape[3:], values.dtype)
+        out[...] = outside
+        out[self.box] = values
+        return out
+
     def probability(self, c: int) -> np.ndarray:
         """Class ``c``'s probability on the whole grid.
 
@@ -84,28 +91,22 @@ class Prediction:
         IndexError
             If ``c`` is not a class index.
         """
-        out = np.full(self.dseg.shape, 1.0 if c == 0 else 0.0, self.box_probabilities.dtype)
-        out[self.box] = self.box_probabilities[..., c]
-        return out
+        return self._on_grid(self.box_probabilities[..., c], self._background()[c])
 
     @property
     def probabilities(self) -> np.ndarray:
         """All classes on the whole grid: ndarray (I, J, K, C) float16, a new array (built
         at each access: keep it rather than asking again)."""
-        n = self.box_probabilities.shape[-1]
-        out = np.zeros(self.dseg.shape + (n,), self.box_probabilities.dtype)
-        out[..., 0] = 1.0
-        out[self.box] = self.box_probabilities
-        return out
+        return self._on_grid(self.box_probabilities, self._background())
 
     @property
     def uncertainty(self) -> np.ndarray | None:
         """The uncertainty on the whole grid: ndarray (I, J, K) float16 (a new array), or None."""
-        if self.box_uncertainty is None:
-            return None
-        out = np.zeros(self.dseg.shape, self.box_uncertainty.dtype)
-        out[self.box] = self.box_uncertainty
-        return out
+        return None if self.box_uncertainty is None else self._on_grid(self.box_uncertainty, 0.0)
+
+    def _background(self) -> np.ndarray:
+        """The class probabilities of a voxel outside ``box``: 1 for class 0, 0 for the others."""
+        return np.eye(self.box_probabilities.shape[-1])[0]
 
 
 @dataclass
@@ -387,17 +388,7 @@ class Predictor:
         n = p.shape[-1]
         # linear interpolation of per-slice softmax maps (and of the background cval 1, 0, ...)
         # keeps them summing to 1: no renormalisation pass over the whole volume is needed.
-        # With a brain mask, only its bounding box is held: outside it all is background.
-        crop = mask is not None
-        probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1), dtype=PROB_DTYPE, within=mask, crop=crop)
-        del p
-        np.clip(probs, 0.0, 1.0, out=probs)
-        # a single network has no spread: no map (the lesion table says n/a, not "agreement")
-        unc = None if len(self.models) == 1 else geom.inverse(spread, order=1, cval=0.0, dtype=PROB_DTYPE,
-                                                               within=mask, crop=crop)
-        del spread
-        if unc is not None:
-            np.clip(unc, 0.0, 0.5, out=unc)
+        # Only the brain mask's bounding box (or the whole grid) is held: outside it all is background.
         shape = tuple(int(v) for v in img.shape[:3])
         box = tuple(slice(0, v) for v in shape)
         if mask is not None:
@@ -405,8 +396,16 @@ class Predictor:
 
             inside = np.asarray(mask, bool)
             box = bounding_box(inside) or (slice(0, 0),) * 3
-            if probs.shape[:3] != tuple(b.stop - b.start for b in box):
-                raise RuntimeError(f"the probabilities' box {probs.shape[:3]} is not the brain mask's {box}")
+        probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1), dtype=PROB_DTYPE, box=box, crop=True)
+        del p
+        np.clip(probs, 0.0, 1.0, out=probs)
+        # a single network has no spread: no map (the lesion table says n/a, not "agreement")
+        unc = None if len(self.models) == 1 else geom.inverse(spread, order=1, cval=0.0, dtype=PROB_DTYPE,
+                                                               box=box, crop=True)
+        del spread
+        if unc is not None:
+            np.clip(unc, 0.0, 0.5, out=unc)
+        if mask is not None:
             inside = inside[box]
             # in place, without boolean indexing (which builds int64 index arrays: 1.9 GB for
             # a 512x512x300 scan)

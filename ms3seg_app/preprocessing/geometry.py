@@ -295,7 +295,7 @@ class SliceGeometry:
         return np.ascontiguousarray(np.moveaxis(out, 2, 0))
 
     def inverse(self, slices: np.ndarray, order: int = 1, cval=0.0, dtype=np.float32,
-                within: np.ndarray | None = None, crop: bool = False) -> np.ndarray:
+                box: tuple | None = None, crop: bool = False) -> np.ndarray:
         """Model slices -> stored-order volume on the input voxel grid.
 
         Parameters
@@ -309,19 +309,18 @@ class SliceGeometry:
             background probability, 0 for the others).
         dtype : numpy dtype
             Of the output (float16 halves the memory of a large probability volume).
-        within : ndarray (I, J, K) bool, stored order, optional
-            Only voxels in this mask's bounding box are interpolated; the others get ``cval``
-            (for probabilities that are background outside the brain anyway: the brain's box
-            is a fraction of a head scan's field of view).
+        box : tuple of 3 slices, stored order, optional
+            Only voxels in this box are interpolated; the others get ``cval`` (e.g. the brain
+            mask's ``distance.bounding_box``, for probabilities that are background outside
+            the brain anyway: the brain's box is a fraction of a head scan's field of view).
         crop : bool
-            With ``within``: return only the stored-order bounding box of ``within``
-            (``distance.bounding_box(within)``), the voxels outside it being ``cval`` anyway
+            With ``box``: return only the box, the voxels outside it being ``cval`` anyway
             (0.30 of the memory of the synthetic 512x512x300 head's probabilities).
 
         Returns
         -------
         ndarray (I, J, K) or (I, J, K, C) of ``dtype`` (float32 default), in the stored voxel order;
-        with ``crop``, (I', J', K'[, C]), the box of ``within`` (zero-sized when it is empty)
+        with ``crop``, (I', J', K'[, C]), the box (zero-sized when it is empty)
         """
         if order not in (0, 1):
             # higher orders pre-filter along the slice axis: chunks of slices would not be exact
@@ -337,14 +336,11 @@ class SliceGeometry:
         inv_scale = 1.0 / scale
         inv_offset = -offset / scale
         matrix = np.array([inv_scale[0], inv_scale[1], 1.0])
-        # RAS+ box to interpolate: the whole grid, or the bounding box of `within`
-        if within is None:
-            box = tuple(slice(0, n) for n in self.ras_shape)
-        else:
-            from ..distance import bounding_box
-
-            box = bounding_box(self.to_ras(np.asarray(within, bool)))
-            box = box or tuple(slice(0, 0) for _ in self.ras_shape)
+        # the stored-order region to interpolate, the same in RAS+, and the output's region
+        whole = tuple(slice(0, n) for n in self.in_shape)
+        region = whole if box is None else tuple(slice(int(b.start), int(b.stop)) for b in box)
+        box = _box_in_ras(self.ornt, self.in_shape, region)
+        origin = region if crop else whole
         # output voxel o of the box is voxel o + start of the grid: shift the in-plane offset
         offset = np.array([inv_offset[0] + inv_scale[0] * box[0].start, inv_offset[1] + inv_scale[1] * box[1].start,
                            0.0])
@@ -353,11 +349,7 @@ class SliceGeometry:
         # box-sized channel and its float32 copy (0.25 GB for a 512x512x300 scan). Exact: the
         # slice axis maps to itself (matrix entry 1, integer coordinates), so slice z of the
         # output reads model slice z only.
-        if crop and within is not None:
-            region = _box_in_stored_order(self.ornt, self.in_shape, box)
-        else:
-            region = tuple(slice(0, n) for n in self.in_shape)
-        out = np.empty(tuple(r.stop - r.start for r in region) + (nc,), dtype=dtype)
+        out = np.empty(tuple(r.stop - r.start for r in origin) + (nc,), dtype=dtype)
         vol = np.moveaxis(slices, 0, 2)  # (size, size, Z, C)
         unit = _unit(inv_scale)
         for c in range(nc):
@@ -379,7 +371,7 @@ class SliceGeometry:
                         cval=float(cvals[c]),
                     )
                 chunk = _box_in_stored_order(self.ornt, self.in_shape, (box[0], box[1], slice(z0, z1)))
-                chunk = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(chunk, region))
+                chunk = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(chunk, origin))
                 out[chunk + (c,)] = self.from_ras(ras)
                 del ras
         return out[..., 0] if squeeze else out
@@ -450,6 +442,16 @@ def _box_in_stored_order(ornt, in_shape, box) -> tuple:
     for i, (j, flip) in enumerate(ornt):
         b, n = box[int(j)], int(in_shape[i])
         out.append(slice(n - b.stop, n - b.start) if flip < 0 else slice(b.start, b.stop))
+    return tuple(out)
+
+
+def _box_in_ras(ornt, in_shape, box) -> tuple:
+    """The RAS+ slices of the voxels that a stored-order box ``box`` holds (the inverse of
+    :func:`_box_in_stored_order`: a flip maps ``[a, b)`` to ``[n - b, n - a)`` both ways)."""
+    out = [None] * 3
+    for i, (j, flip) in enumerate(ornt):
+        b, n = box[i], int(in_shape[i])
+        out[int(j)] = slice(n - b.stop, n - b.start) if flip < 0 else slice(b.start, b.stop)
     return tuple(out)
 
 
