@@ -56,6 +56,24 @@ def test_gpu_request_falls_back_to_cpu_with_a_message(caplog, monkeypatch):
     assert select_device("cpu", 0) == "cpu" and os.environ["CUDA_VISIBLE_DEVICES"] == ""
 
 
+def test_tensorflow_imported_without_scikit_learn_which_stays_importable():
+    """Start-up imports Keras without scikit-learn (0.3-0.4 s); a later import of it still works,
+    and a process that already holds scikit-learn keeps it."""
+    code = ("import sys; from ms3seg_app.cli.run import select_device; select_device('auto', 1); "
+            "import keras; print('tensorflow' in sys.modules, 'sklearn' in sys.modules); "
+            "import sklearn.base; print(sys.modules['sklearn'] is not None); "
+            "print(keras.ops.sum(keras.ops.ones((2, 3))).numpy())")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "False", "True", "6.0"]
+    code = ("import sys, sklearn; first = sys.modules['sklearn']; from ms3seg_app.cli.run import import_tensorflow; "
+            "import_tensorflow(); print(sys.modules['sklearn'] is first, 'keras' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "False"]
+
+
 def test_info_reports_model_fsl_and_gpu():
     r = subprocess.run([sys.executable, "-m", "ms3seg_app", "--info"], capture_output=True, text=True,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
