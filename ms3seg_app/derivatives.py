@@ -127,7 +127,7 @@ PROBABILITY_CHUNK_SLICES = 16
 
 
 def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage,
-                      box: tuple | None = None) -> nib.Nifti1Image:
+                      box: tuple | None = None, outside: float = 0.0) -> nib.Nifti1Image:
     """A probability map stored compactly: uint8 with ``scl_slope`` 1/255.
 
     Parameters
@@ -135,8 +135,10 @@ def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage,
     prob : ndarray (I, J, K) float in [0, 1], or (I', J', K') with ``box``
     ref : nibabel image (the input FLAIR)
     box : tuple of 3 slices, optional
-        The stored-order region of ``ref``'s grid that ``prob`` covers; the map is 0 outside
-        it (a foreground class's probability outside the brain's box).
+        The stored-order region of ``ref``'s grid that ``prob`` covers.
+    outside : float in [0, 1]
+        The probability outside ``box`` (``Prediction.outside[c]``: 0 for a foreground
+        class, 1 for the background).
 
     Raises
     ------
@@ -157,7 +159,7 @@ def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage,
         q = np.empty(prob.shape, np.uint8)
         inner = q
     else:
-        q = np.zeros(ref.shape[:3], np.uint8)
+        q = np.full(ref.shape[:3], np.rint(np.clip(outside, 0.0, 1.0) * 255.0), np.uint8)
         inner = q[box]
         if inner.shape != prob.shape:
             raise ValueError(f"probabilities {prob.shape} do not fill the box {box} of {ref.shape[:3]}")

@@ -326,7 +326,8 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     atomic_write_json(paths["mask_json"], {"Sources": [raw], **space, "Type": "Brain", "Method": method,
                                            "Description": f"brain mask ({method})"})
     for c in card.foreground:
-        atomic_save_nifti(probability_image(pred.box_probabilities[..., c.index], img, pred.box),
+        atomic_save_nifti(probability_image(pred.box_probabilities[..., c.index], img, pred.box,
+                                            outside=float(pred.outside[c.index])),
                           paths[f"probseg_{c.abbreviation}"])
         atomic_write_json(paths[f"probseg_{c.abbreviation}_json"], {
             "Sources": [raw], **space, "Label": c.abbreviation, "Description": f"probability of {c.name}",

@@ -172,3 +172,6 @@ def test_ensemble_with_a_brain_mask_on_flipped_storage_keeps_its_uncertainty_in_
     assert (empty.probability(0) == 1).all() and (empty.probabilities[..., 1:] == 0).all()
     assert not empty.uncertainty.any()
     assert not np.asarray(probability_image(empty.box_probabilities[..., 3], img, empty.box).dataobj).any()
+    background = probability_image(empty.box_probabilities[..., 0], img, empty.box, outside=empty.outside[0])
+    assert (np.asarray(background.dataobj) == 255).all()  # 1 with the slope 1/255
+    np.testing.assert_array_equal(boxed.outside, [1, 0, 0, 0])

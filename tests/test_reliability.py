@@ -126,6 +126,11 @@ def test_probability_map_of_a_box_is_the_whole_grid_map_with_zeros_outside():
     whole[box] = inner
     np.testing.assert_array_equal(np.asarray(probability_image(inner, ref, box).dataobj),
                                   np.asarray(probability_image(whole, ref).dataobj))
+    # the background's map is 1 outside the box (Prediction.outside)
+    whole[...] = 1.0
+    whole[box] = inner
+    np.testing.assert_array_equal(np.asarray(probability_image(inner, ref, box, outside=1.0).dataobj),
+                                  np.asarray(probability_image(whole, ref).dataobj))
     with pytest.raises(ValueError, match="do not fill the box"):
         probability_image(inner[1:], ref, box)
     with pytest.raises(ValueError, match="give the box they cover"):

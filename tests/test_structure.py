@@ -257,6 +257,10 @@ def test_slices_made_beforehand_give_the_same_prediction_and_serve_once(tmp_path
     other = nib.Nifti1Image(data[:, :, :10], img.affine)
     with pytest.raises(ValueError, match="cannot serve"):
         pred.predict_image(other, slices=pred.prepare(img))
+    # another image of the same shape (e.g. the FLAIR before N4) is refused as well
+    same_shape = nib.Nifti1Image(data * 2.0, img.affine)
+    with pytest.raises(ValueError, match="the same image object: False"):
+        pred.predict_image(same_shape, mask, slices=pred.prepare(img))
 
 
 def test_predictor_reads_current_weights_of_a_network_still_training(tmp_path):

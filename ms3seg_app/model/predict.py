@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -34,6 +35,24 @@ CROPS = ("head", "brain")
 #: Context around each slice's region (brain, or head) in the network's in-plane crop, which
 #: is then rounded up to a multiple of 16 px (4 pools): :func:`slice_crops`.
 CROP_MARGIN_PX = 16
+#: Ensemble spread of a voxel the network does not see (see :func:`outside_probabilities`).
+OUTSIDE_UNCERTAINTY = 0.0
+
+
+def outside_probabilities(n_classes: int) -> np.ndarray:
+    """Class probabilities of every voxel the network does not see: outside each slice's
+    crop, on slices not run, outside the brain mask and its bounding box.
+
+    The one definition of that rule: background (class 0, the card's first class) with
+    probability 1, the others 0; their ensemble spread is :data:`OUTSIDE_UNCERTAINTY`.
+
+    Returns
+    -------
+    ndarray (n_classes,) float32
+    """
+    out = np.zeros(n_classes, np.float32)
+    out[0] = 1.0
+    return out
 
 
 @dataclass
@@ -71,6 +90,12 @@ class Prediction:
     box: tuple
     timings: dict = field(default_factory=dict)
 
+    @property
+    def outside(self) -> np.ndarray:
+        """Class probabilities of a voxel outside ``box`` (:func:`outside_probabilities`):
+        ndarray (C,) float32."""
+        return outside_probabilities(self.box_probabilities.shape[-1])
+
     def _on_grid(self, values: np.ndarray, outside) -> np.ndarray:
         """``values`` (held for ``box``) on the whole grid, ``outside`` elsewhere (a new array)."""
         out = np.empty(self.dseg.shape + values.shape[3:], values.dtype)
@@ -91,22 +116,18 @@ class Prediction:
         IndexError
             If ``c`` is not a class index.
         """
-        return self._on_grid(self.box_probabilities[..., c], self._background()[c])
+        return self._on_grid(self.box_probabilities[..., c], self.outside[c])
 
     @property
     def probabilities(self) -> np.ndarray:
         """All classes on the whole grid: ndarray (I, J, K, C) float16, a new array (built
         at each access: keep it rather than asking again)."""
-        return self._on_grid(self.box_probabilities, self._background())
+        return self._on_grid(self.box_probabilities, self.outside)
 
     @property
     def uncertainty(self) -> np.ndarray | None:
         """The uncertainty on the whole grid: ndarray (I, J, K) float16 (a new array), or None."""
-        return None if self.box_uncertainty is None else self._on_grid(self.box_uncertainty, 0.0)
-
-    def _background(self) -> np.ndarray:
-        """The class probabilities of a voxel outside ``box``: 1 for class 0, 0 for the others."""
-        return np.eye(self.box_probabilities.shape[-1])[0]
+        return None if self.box_uncertainty is None else self._on_grid(self.box_uncertainty, OUTSIDE_UNCERTAINTY)
 
 
 @dataclass
@@ -123,15 +144,17 @@ class ModelSlices:
     seconds : float
         Time it took to make them.
     shape : tuple of 3 int
-        The FLAIR's stored shape (a check that the slices are this FLAIR's: the caller gives
-        the same image, e.g. the N4-corrected one, to :meth:`Predictor.prepare` and to
-        :meth:`Predictor.predict_image`).
+        The FLAIR's stored shape.
+    image : weakref.ref
+        The image object they were made of: :meth:`Predictor.predict_image` takes that very
+        object (e.g. the N4-corrected image, not the raw one of the same shape).
     """
 
     geometry: SliceGeometry
     x: np.ndarray | None
     seconds: float
     shape: tuple
+    image: weakref.ref
 
 
 class Predictor:
@@ -290,9 +313,9 @@ class Predictor:
         inp = inp.astype(np.float32, copy=False)
         nz, h, w = inp.shape[:3]
         nc = self.card.n_classes
-        mean = np.zeros((nz, h, w, nc), dtype)
-        mean[..., 0] = 1.0
-        spread = np.zeros((nz, h, w), dtype)
+        mean = np.empty((nz, h, w, nc), dtype)
+        mean[...] = outside_probabilities(nc)
+        spread = np.full((nz, h, w), OUTSIDE_UNCERTAINTY, dtype)
         head = head_boxes(inp)
         if boxes is None:
             boxes = head
@@ -339,7 +362,7 @@ class Predictor:
         """
         t0 = time.perf_counter()
         geom, x = to_model_slices(img, self.card.preprocessing)
-        return ModelSlices(geom, x, time.perf_counter() - t0, tuple(int(v) for v in img.shape[:3]))
+        return ModelSlices(geom, x, time.perf_counter() - t0, tuple(int(v) for v in img.shape[:3]), weakref.ref(img))
 
     def predict_image(self, img: nib.spatialimages.SpatialImage, mask: np.ndarray | None = None,
                       slices: ModelSlices | None = None) -> Prediction:
@@ -358,7 +381,7 @@ class Predictor:
         Raises
         ------
         ValueError
-            If ``slices`` were made for an image of another shape, or were used already.
+            If ``slices`` were made of another image object (or shape), or were used already.
 
         Returns
         -------
@@ -369,9 +392,10 @@ class Predictor:
         made_here = slices is None
         if made_here:
             slices = self.prepare(img)
-        elif slices.x is None or tuple(slices.shape) != tuple(img.shape[:3]):
-            raise ValueError(f"model slices of an image of shape {slices.shape} (used: {slices.x is None}) "
-                             f"cannot serve a prediction of an image of shape {img.shape[:3]}")
+        elif slices.x is None or slices.image() is not img:
+            raise ValueError(f"model slices of an image of shape {slices.shape} (used: {slices.x is None}; "
+                             f"the same image object: {slices.image() is img}) cannot serve a prediction "
+                             f"of an image of shape {img.shape[:3]}")
         geom, x = slices.geometry, slices.x
         slices.x = None
         t1 = time.perf_counter()
@@ -385,8 +409,8 @@ class Predictor:
         p, spread = self.predict_slices(x, run, boxes, dtype=PROB_DTYPE)
         del x
         t2 = time.perf_counter()
-        n = p.shape[-1]
-        # linear interpolation of per-slice softmax maps (and of the background cval 1, 0, ...)
+        outside = outside_probabilities(p.shape[-1])
+        # linear interpolation of per-slice softmax maps (and of the outside cval 1, 0, ...)
         # keeps them summing to 1: no renormalisation pass over the whole volume is needed.
         # Only the brain mask's bounding box (or the whole grid) is held: outside it all is background.
         shape = tuple(int(v) for v in img.shape[:3])
@@ -396,23 +420,22 @@ class Predictor:
 
             inside = np.asarray(mask, bool)
             box = bounding_box(inside) or (slice(0, 0),) * 3
-        probs = geom.inverse(p, order=1, cval=[1.0] + [0.0] * (n - 1), dtype=PROB_DTYPE, box=box, crop=True)
+        probs = geom.inverse(p, order=1, cval=list(outside), dtype=PROB_DTYPE, box=box, crop=True)
         del p
         np.clip(probs, 0.0, 1.0, out=probs)
         # a single network has no spread: no map (the lesion table says n/a, not "agreement")
-        unc = None if len(self.models) == 1 else geom.inverse(spread, order=1, cval=0.0, dtype=PROB_DTYPE,
-                                                               box=box, crop=True)
+        unc = None if len(self.models) == 1 else geom.inverse(spread, order=1, cval=OUTSIDE_UNCERTAINTY,
+                                                               dtype=PROB_DTYPE, box=box, crop=True)
         del spread
         if unc is not None:
             np.clip(unc, 0.0, 0.5, out=unc)
         if mask is not None:
-            inside = inside[box]
+            outside_mask = ~inside[box]
             # in place, without boolean indexing (which builds int64 index arrays: 1.9 GB for
             # a 512x512x300 scan)
-            probs *= inside[..., None]
-            np.copyto(probs[..., 0], 1.0, where=~inside)
+            np.copyto(probs, outside.astype(probs.dtype), where=outside_mask[..., None])
             if unc is not None:
-                unc *= inside
+                np.copyto(unc, OUTSIDE_UNCERTAINTY, where=outside_mask)
         t3 = time.perf_counter()
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
         # outside the brain every voxel is background with probability 1: the tri-mask
