@@ -136,9 +136,9 @@ def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage,
     ref : nibabel image (the input FLAIR)
     box : tuple of 3 slices, optional
         The stored-order region of ``ref``'s grid that ``prob`` covers.
-    outside : float in [0, 1]
+    outside : float in [0, 1], default 0
         The probability outside ``box`` (``Prediction.outside[c]``: 0 for a foreground
-        class, 1 for the background).
+        class, 1 for the background); not used without ``box``.
 
     Raises
     ------
@@ -159,7 +159,9 @@ def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage,
         q = np.empty(prob.shape, np.uint8)
         inner = q
     else:
-        q = np.full(ref.shape[:3], np.rint(np.clip(outside, 0.0, 1.0) * 255.0), np.uint8)
+        q = np.zeros(ref.shape[:3], np.uint8)  # untouched pages of a zero fill take no memory
+        if outside:
+            q[...] = np.rint(np.clip(outside, 0.0, 1.0) * 255.0)
         inner = q[box]
         if inner.shape != prob.shape:
             raise ValueError(f"probabilities {prob.shape} do not fill the box {box} of {ref.shape[:3]}")

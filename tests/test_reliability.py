@@ -113,9 +113,10 @@ def test_probability_maps_are_quantised_in_chunks_as_a_whole_volume_would_be(dty
     np.testing.assert_array_equal(np.asarray(img.dataobj), want)
 
 
-def test_probability_map_of_a_box_is_the_whole_grid_map_with_zeros_outside():
+def test_probability_map_of_a_box_is_the_whole_grid_map_with_its_value_outside():
     """A class's probabilities held for the brain's box only give the map of the whole-grid
-    array that is 0 outside the box; a box the array does not fill is an error."""
+    array that has the class's outside value (0, or 1 for the background) outside the box;
+    a box the array does not fill is an error."""
     from ms3seg_app.derivatives import probability_image
 
     rng = np.random.default_rng(5)

@@ -252,14 +252,14 @@ def test_slices_made_beforehand_give_the_same_prediction_and_serve_once(tmp_path
     np.testing.assert_array_equal(early.dseg, direct.dseg)
     np.testing.assert_array_equal(early.box_probabilities, direct.box_probabilities)
     assert "slicing" in direct.timings and "slicing" not in early.timings
-    with pytest.raises(ValueError, match="used: True"):
+    with pytest.raises(ValueError, match="used already"):
         pred.predict_image(img, mask, slices=slices)
     other = nib.Nifti1Image(data[:, :, :10], img.affine)
-    with pytest.raises(ValueError, match="cannot serve"):
+    with pytest.raises(ValueError, match="another image"):
         pred.predict_image(other, slices=pred.prepare(img))
     # another image of the same shape (e.g. the FLAIR before N4) is refused as well
     same_shape = nib.Nifti1Image(data * 2.0, img.affine)
-    with pytest.raises(ValueError, match="the same image object: False"):
+    with pytest.raises(ValueError, match=r"another image \(shape \(60, 70, 12\)\)"):
         pred.predict_image(same_shape, mask, slices=pred.prepare(img))
 
 

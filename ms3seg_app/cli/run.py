@@ -94,13 +94,15 @@ def import_tensorflow() -> None:
     threads first (:func:`select_device`).
 
     Keras imports scikit-learn, when it is installed (antspyx installs it), for its
-    scikit-learn wrappers (``keras.wrappers``), which ms3seg never uses; that took 0.3-0.4 s
+    scikit-learn wrappers (``keras.wrappers``), which ms3seg never uses; that took 0.2-0.4 s
     of every process's start-up (``python -X importtime``, 2 cores, 2026-12-02). While they
     are imported, scikit-learn is marked absent (``sys.modules[name] = None`` makes its import
     raise ImportError: the import system's documented behaviour), so Keras defines its
-    wrappers without it; the mark is removed afterwards, so a later ``import sklearn`` works.
-    Nothing is changed when TensorFlow, Keras or scikit-learn is already imported. Call it
-    before other threads import modules (the CLI does, in its start-up thread).
+    wrappers without it; the mark is removed afterwards, so a later ``import sklearn`` works
+    (ANTsPy imports it: with ``--n4`` or ANTs co-registration its cost comes later instead).
+    Nothing is changed when TensorFlow, Keras or scikit-learn is already imported. No other
+    thread may import scikit-learn meanwhile (the CLI calls it in its start-up thread while
+    the main thread runs the BIDS validator's subprocess).
     """
     if any(m in sys.modules for m in ("tensorflow", "keras", "sklearn")):
         return
@@ -109,7 +111,8 @@ def import_tensorflow() -> None:
         import keras  # noqa: F401
         import tensorflow  # noqa: F401
     finally:
-        del sys.modules["sklearn"]
+        if "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+            del sys.modules["sklearn"]
 
 
 def validate_bids(bids_dir: Path) -> None:
@@ -337,20 +340,21 @@ _WORKER: dict = {}
 
 
 def _warm_up(opts, options, threads: int, nprocs: int) -> tuple[str, dict]:
-    """Import TensorFlow and Keras (device and threads set first) and, for a serial run, load the model.
+    """Set the device and threads and, for a serial run, import TensorFlow and Keras and load the model
+    (worker processes do both themselves: :func:`_init_worker`).
 
     Returns the device used and the seconds of each step (``tensorflow_import``,
     ``model_load``; both run in parallel with the BIDS validator).
     """
-    seconds = {}
     t0 = time.perf_counter()
     device = select_device(opts.device, threads)
+    if nprocs > 1:
+        return device, {"tensorflow_import": time.perf_counter() - t0}
     import_tensorflow()
-    seconds["tensorflow_import"] = time.perf_counter() - t0
-    if nprocs == 1:  # workers load their own copy
-        t0 = time.perf_counter()
-        _predictor(dict(model=opts.model, allow_unverified=opts.allow_unverified_model, options=options))
-        seconds["model_load"] = time.perf_counter() - t0
+    seconds = {"tensorflow_import": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    _predictor(dict(model=opts.model, allow_unverified=opts.allow_unverified_model, options=options))
+    seconds["model_load"] = time.perf_counter() - t0
     return device, seconds
 
 

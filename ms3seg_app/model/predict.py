@@ -44,14 +44,30 @@ def outside_probabilities(n_classes: int) -> np.ndarray:
     crop, on slices not run, outside the brain mask and its bounding box.
 
     The one definition of that rule: background (class 0, the card's first class) with
-    probability 1, the others 0; their ensemble spread is :data:`OUTSIDE_UNCERTAINTY`.
+    probability 1, the others 0; their ensemble spread is :data:`OUTSIDE_UNCERTAINTY`, their
+    tri-mask label the argmax (0).
+
+    Parameters
+    ----------
+    n_classes : int
+        The card's number of classes, C.
 
     Returns
     -------
-    ndarray (n_classes,) float32
+    ndarray (C,) float32
     """
     out = np.zeros(n_classes, np.float32)
     out[0] = 1.0
+    return out
+
+
+def _filled(shape, value, dtype) -> np.ndarray:
+    """``np.full(shape, value, dtype)``, but a zero fill leaves the pages untouched
+    (``np.zeros``: the kernel maps them when first written), so a region never written
+    (a single network's spread, the tri-mask outside the brain's box) takes no memory."""
+    out = np.zeros(shape, dtype)
+    if np.any(value):
+        out[...] = value
     return out
 
 
@@ -59,9 +75,9 @@ def outside_probabilities(n_classes: int) -> np.ndarray:
 class Prediction:
     """Result of :meth:`Predictor.predict_image`.
 
-    Probabilities and uncertainty are held for the brain's bounding box only (``box``):
-    outside it every voxel is background with probability 1 (the others 0, uncertainty 0,
-    tri-mask 0): the synthetic 512x512x300 head of ``benchmarks/bench_speed.py --big`` holds
+    Probabilities and uncertainty are held for the brain's bounding box only (``box``);
+    outside it every voxel has :attr:`outside`'s probabilities (:func:`outside_probabilities`):
+    the synthetic 512x512x300 head of ``benchmarks/bench_speed.py --big`` holds
     0.30 of its 4-class volume (181 instead of 600 MiB). The
     whole-grid arrays are :attr:`probabilities` and :attr:`uncertainty` (built on request).
 
@@ -315,7 +331,7 @@ class Predictor:
         nc = self.card.n_classes
         mean = np.empty((nz, h, w, nc), dtype)
         mean[...] = outside_probabilities(nc)
-        spread = np.full((nz, h, w), OUTSIDE_UNCERTAINTY, dtype)
+        spread = _filled((nz, h, w), OUTSIDE_UNCERTAINTY, dtype)
         head = head_boxes(inp)
         if boxes is None:
             boxes = head
@@ -381,7 +397,7 @@ class Predictor:
         Raises
         ------
         ValueError
-            If ``slices`` were made of another image object (or shape), or were used already.
+            If ``slices`` were made of another image object, or were used already.
 
         Returns
         -------
@@ -392,10 +408,12 @@ class Predictor:
         made_here = slices is None
         if made_here:
             slices = self.prepare(img)
-        elif slices.x is None or slices.image() is not img:
-            raise ValueError(f"model slices of an image of shape {slices.shape} (used: {slices.x is None}; "
-                             f"the same image object: {slices.image() is img}) cannot serve a prediction "
-                             f"of an image of shape {img.shape[:3]}")
+        elif slices.x is None:
+            raise ValueError("these model slices were used already: make new ones with prepare(img)")
+        elif slices.image() is not img:
+            raise ValueError(f"model slices made of another image (shape {slices.shape}) cannot serve a "
+                             f"prediction of this one (shape {img.shape[:3]}): give prepare() and "
+                             "predict_image() the same image object")
         geom, x = slices.geometry, slices.x
         slices.x = None
         t1 = time.perf_counter()
@@ -438,9 +456,9 @@ class Predictor:
                 np.copyto(unc, OUTSIDE_UNCERTAINTY, where=outside_mask)
         t3 = time.perf_counter()
         spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-        # outside the brain every voxel is background with probability 1: the tri-mask
-        # (argmax, components, distances) is made inside the brain's box only
-        dseg = np.zeros(shape, np.uint8)
+        # outside the brain every voxel has the outside probabilities: the tri-mask (argmax,
+        # components, distances) is made inside the brain's box only
+        dseg = _filled(shape, np.argmax(outside), np.uint8)
         if probs.size:
             dseg[box] = self.postprocess(probs, spacing)
         # slicing is part of this call's time only when it made the slices
