@@ -168,6 +168,23 @@ def test_brain_crop_does_not_run_a_slice_without_head(tmp_path):
     assert seen == [(1, 64, 64, 1)] and (mean[1:, ..., 0] == 1).all()
 
 
+def test_another_crop_reuses_the_loaded_model(tmp_path):
+    """One process's model is loaded once: jobs that differ only in --crop get the same
+    networks with the job's crop (another TTA setting loads them again)."""
+    from ms3seg_app.cli import run
+    from ms3seg_app.participant import RunOptions
+
+    model = _model(tmp_path / "m.keras", seed=2)
+    job = dict(model=model, allow_unverified=False, options=RunOptions(tta=False, crop="head"))
+    first = run._predictor(job)
+    assert first.crop == "head"
+    brain = run._predictor({**job, "options": RunOptions(tta=False, crop="brain")})
+    assert brain is first and brain.crop == "brain"
+    assert run._predictor(job) is first and first.crop == "head"
+    assert run._predictor({**job, "options": RunOptions(tta=True)}) is not first
+    run._WORKER.clear()
+
+
 def test_sources_name_the_file_inside_the_dataset_not_a_symlink_target(tmp_path):
     """DataLad/git-annex datasets link each file elsewhere: Sources, and the longitudinal step
     reading them back, use the path inside the dataset."""

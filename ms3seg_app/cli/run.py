@@ -366,15 +366,17 @@ def _init_worker(threads: int, device: str, verbose: int, quiet: int) -> None:
 
 
 def _predictor(job: dict):
-    """The model, loaded once per process."""
+    """The model, loaded once per process; the in-plane crop (``--crop``) is only a setting
+    of the loaded model, so another crop does not load it again."""
     o = job["options"]
-    key = (str(job["model"]), job["allow_unverified"], o.tta, o.members, o.crop)
+    key = (str(job["model"]), job["allow_unverified"], o.tta, o.members)
     if key not in _WORKER:
         from ..model.predict import Predictor
 
         _WORKER.clear()
         _WORKER[key] = Predictor.load(job["model"], job["allow_unverified"], tta=o.tta, members=o.members,
                                       crop=o.crop)
+    _WORKER[key].crop = o.crop
     return _WORKER[key]
 
 
