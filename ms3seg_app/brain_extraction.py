@@ -6,7 +6,7 @@ segments the brain with two LinkNet3d networks shipped as TorchScript files.
 ``scripts/export_deepbet.py`` copied their parameters unchanged into
 ``ms3seg_app/data/deepbet/deepbet_1.0.2_linknet3d.npz``; this module rebuilds the
 architecture as a function of those weights in ``keras.ops`` (TensorFlow is already a
-dependency of the app; one ``tf.function`` per network, :func:`_linknet3d`) and
+dependency of the app; one ``tf.function`` for both networks, :func:`_linknet3d`) and
 re-implements ``deepbet.bet.BrainExtraction.run`` step for step in NumPy/SciPy:
 
 1. reorient to the closest canonical (RAS) orientation, first volume of a 4D image,
@@ -67,7 +67,18 @@ _LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------- network
-def _space_to_depth_conv(x, w: np.ndarray):
+def _space_to_depth_kernel(w: np.ndarray) -> np.ndarray:
+    """deepbet's first convolution kernel (C, 1, 7, 7, 7) (torch Conv3d layout) as the
+    (4, 4, 4, 8, C) kernel of :func:`_space_to_depth_conv`: zero-padded to 8^3 and rearranged
+    in the channel order of the 2^3 space-to-depth rearrangement (float32)."""
+    c = w.shape[0]
+    w8 = np.zeros((c, 8, 8, 8), np.float32)
+    w8[:, :7, :7, :7] = w[:, 0]
+    # (out, 4, 2, 4, 2, 4, 2) -> (4, 4, 4, 2, 2, 2, out) -> (4, 4, 4, 8, out), channel order of the rearrangement
+    return w8.reshape(c, 4, 2, 4, 2, 4, 2).transpose(1, 3, 5, 2, 4, 6, 0).reshape(4, 4, 4, 8, c)
+
+
+def _space_to_depth_conv(x, kernel):
     """deepbet's first convolution (1 -> C channels, 7^3 kernel, stride 2, padding 3, no bias).
 
     Computed as a 4^3 stride-1 convolution over the 2^3 space-to-depth rearrangement of the
@@ -77,7 +88,8 @@ def _space_to_depth_conv(x, w: np.ndarray):
     Parameters
     ----------
     x : tensor (N, D, H, W, 1) float32, even D, H, W
-    w : numpy.ndarray (C, 1, 7, 7, 7) float32, torch Conv3d layout (out, in, d, h, w)
+    kernel : array or tensor (4, 4, 4, 8, C) float32
+        :func:`_space_to_depth_kernel` of the torch weight (C, 1, 7, 7, 7).
 
     Returns
     -------
@@ -85,11 +97,6 @@ def _space_to_depth_conv(x, w: np.ndarray):
     """
     from keras import ops
 
-    c = w.shape[0]
-    w8 = np.zeros((c, 8, 8, 8), np.float32)
-    w8[:, :7, :7, :7] = w[:, 0]
-    # (out, 4, 2, 4, 2, 4, 2) -> (4, 4, 4, 2, 2, 2, out) -> (4, 4, 4, 8, out), channel order of the rearrangement
-    kernel = w8.reshape(c, 4, 2, 4, 2, 4, 2).transpose(1, 3, 5, 2, 4, 6, 0).reshape(4, 4, 4, 8, c)
     x = ops.pad(x, ((0, 0), (3, 3), (3, 3), (3, 3), (0, 0)))
     s = ops.shape(x)
     n, d, h, wd = s[0], s[1] // 2, s[2] // 2, s[3] // 2
@@ -98,15 +105,22 @@ def _space_to_depth_conv(x, w: np.ndarray):
     return ops.conv(x, kernel, strides=1, padding="valid")
 
 
+#: deepbet's LinkNet3d traced once per process for both networks (they share the architecture):
+#: (parameter names and shapes) -> (forward(x, weights), names of the layers it calls)
+_TRACED: dict = {}
+
+
 def _linknet3d(name: str, params: dict[str, np.ndarray]):
-    """deepbet's traced ``LinkNet3d`` as a function of its input, channels-last (N, D, H, W, C).
+    """deepbet's ``LinkNet3d`` as a function of its input, channels-last (N, D, H, W, C).
 
     Written with ``keras.ops`` on the weights directly rather than as a ``keras.Model``:
     building the two networks as Keras layers and tracing them through ``predict_on_batch``
     took 2.3-3.0 s per process on 2 cores, this about 1.2 s (2026-12-02), with identical
-    outputs. On Keras' TensorFlow backend the function is one ``tf.function`` (a graph, as
+    outputs. On Keras' TensorFlow backend the forward pass is one ``tf.function`` (a graph, as
     ``predict_on_batch`` ran: eagerly the 256^3 network peaked at 3.2 GB; the whole 3D
-    benchmark run peaks at about 1.5 GB with this graph), traced once for any input size.
+    benchmark run peaks at about 1.5 GB with this graph), traced once for any input size
+    and, with the weights as its arguments, once for both networks (:data:`_TRACED`; the
+    second network's trace and first-call graph set-up took 0.3-0.5 s, 2026-12-02).
 
     PyTorch padding is symmetric, ``"same"`` is not for stride 2, so every strided
     convolution pads explicitly, and transposed convolutions run ``"valid"`` and crop what
@@ -124,72 +138,98 @@ def _linknet3d(name: str, params: dict[str, np.ndarray]):
     ModelError
         Parameters that do not fit the architecture.
     """
-    import keras
     from keras import ops
-
-    called: set[str] = set()  # layers the forward pass uses (all of them must be)
 
     # torch layouts -> Keras': Conv3d (out, in, d, h, w) and ConvTranspose3d (in, out, d, h, w)
     # both -> (d, h, w, *, *) with the last two as keras.ops.conv / conv_transpose take them
-    layers = {}
+    weights = {}
     for key in sorted({k.rsplit(".", 1)[0] for k in params} - {"init.0", "tp_conv2"}):
         w, b = params.get(f"{key}.weight"), params.get(f"{key}.bias")
         if w is None or w.ndim != 5:
             raise ModelError(f"{WEIGHTS_PATH}: {name} layer {key} has no 3D convolution weight")
-        layers[key] = (ops.convert_to_tensor(w.transpose(2, 3, 4, 1, 0)),
-                       None if b is None else ops.convert_to_tensor(b), w.shape[2])
-
-    def conv(x, key, stride=1, pad=0, transposed=False, out_pad=0):
-        kernel, bias, k = layers[key]
-        called.add(key)
-        if not transposed:
-            if pad and (stride > 1 or 2 * pad != k - 1):
-                x = ops.pad(x, ((0, 0), (pad, pad), (pad, pad), (pad, pad), (0, 0)))
-                padding = "valid"
-            else:
-                padding = "same" if pad else "valid"
-            y = ops.conv(x, kernel, strides=stride, padding=padding)
-        else:
-            y = ops.conv_transpose(x, kernel, strides=stride, padding="valid")
-        if bias is not None:
-            y = y + bias
-        if transposed:
-            # valid output index v = stride*j + k; torch's is v - pad, length stride*(n-1) + k - 2*pad + out_pad
-            end = pad - out_pad
-            if pad or end:
-                y = y[:, pad:-end or None, pad:-end or None, pad:-end or None]
-        return y
-
-    def norm(y, relu=True):
-        # torch.nn.InstanceNorm3d(affine=False, track_running_stats=False)
-        mean, var = ops.moments(y, axes=[1, 2, 3], keepdims=True)
-        y = (y - mean) * ops.rsqrt(var + _EPS)
-        return ops.relu(y) if relu else y
-
-    def cbr(x, key, relu=True, **kw):
-        return norm(conv(x, key, **kw), relu)
-
-    def block(x, key, stride, downsample):
-        y = cbr(x, f"{key}.double_conv.0", stride=stride, pad=1)
-        y = cbr(y, f"{key}.double_conv.3", relu=False, pad=1)
-        skip = cbr(x, f"{key}.downsample.0", relu=False, stride=2) if downsample else x
-        return ops.relu(y + skip)
-
-    def up(x, key, stride):
-        y = cbr(x, f"{key}.conv1.0")
-        y = cbr(y, f"{key}.tp_conv.0", transposed=True, stride=stride, pad=1, out_pad=stride - 1)
-        return cbr(y, f"{key}.conv2.0")
-
+        weights[f"{key}.weight"] = np.ascontiguousarray(w.transpose(2, 3, 4, 1, 0), np.float32)
+        if b is not None:
+            weights[f"{key}.bias"] = np.asarray(b, np.float32)
     w0 = params.get("init.0.weight")
     if w0 is None or "init.0.bias" in params or w0.shape[1:] != (1, 7, 7, 7):
         raise ModelError(f"{WEIGHTS_PATH}: init.0 is not the bias-free 1-channel 7^3 convolution the port expects")
+    weights["init.0.weight"] = _space_to_depth_kernel(w0)
     # the last layer, tp_conv2 (transposed 2^3 conv, stride 2) + softmax, runs in _head
     w, b = params.get("tp_conv2.weight"), params.get("tp_conv2.bias")  # (8, 2, 2, 2, 2): (in, out, d, h, w)
     if w is None or b is None or w.shape[:2] != (8, 2) or w.shape[2:] != (2, 2, 2):
         raise ModelError(f"{WEIGHTS_PATH}: tp_conv2 is not the (8, 2, 2, 2, 2) transposed convolution the port expects")
 
-    def forward(x):
-        x0 = norm(_space_to_depth_conv(x, w0))
+    signature = tuple((k, v.shape) for k, v in sorted(weights.items()))
+    if signature not in _TRACED:
+        _TRACED[signature] = _trace_linknet3d(name, weights)
+    run, called = _TRACED[signature]
+    used = {"init.0.weight", "tp_conv2.weight", "tp_conv2.bias"} | {f"{k}.weight" for k in called} | {
+        f"{k}.bias" for k in called if f"{k}.bias" in weights}
+    if used != set(params):  # every parameter of the file is used, none twice-named or left over
+        raise ModelError(f"{WEIGHTS_PATH}: parameters {sorted(set(params) - used)} of {name} do not fit the "
+                         "LinkNet3d port")
+    tensors = {k: ops.convert_to_tensor(v) for k, v in weights.items()}
+    # logit(foreground) - logit(background) of output voxel (2i+p, 2j+q, 2k+r) is
+    # features[i, j, k] @ head_w[:, 4p + 2q + r] + head_b (softmax of two classes = sigmoid of the difference)
+    head_w = (w[:, 1] - w[:, 0]).reshape(8, 8).astype(np.float32)
+    head_b = np.float32(b[1] - b[0])
+    return (lambda x: run(x, tensors)), head_w, head_b
+
+
+def _trace_linknet3d(name: str, weights: dict[str, np.ndarray]):
+    """``(forward(x, weights), called)`` for :func:`_linknet3d`: the LinkNet3d forward pass of
+    the weights named as ``weights``' keys (``"<layer>.weight"``, Keras layout, and
+    ``"<layer>.bias"``), traced once on Keras' TensorFlow backend; ``called``: the layers it
+    uses (ModelError if one it needs is missing)."""
+    import keras
+    from keras import ops
+
+    called: set[str] = set()  # layers the forward pass uses (all of them must be)
+
+    def forward(x, weights):
+        def conv(x, key, stride=1, pad=0, transposed=False, out_pad=0):
+            kernel, bias = weights[f"{key}.weight"], weights.get(f"{key}.bias")
+            k = int(kernel.shape[0])
+            called.add(key)
+            if not transposed:
+                if pad and (stride > 1 or 2 * pad != k - 1):
+                    x = ops.pad(x, ((0, 0), (pad, pad), (pad, pad), (pad, pad), (0, 0)))
+                    padding = "valid"
+                else:
+                    padding = "same" if pad else "valid"
+                y = ops.conv(x, kernel, strides=stride, padding=padding)
+            else:
+                y = ops.conv_transpose(x, kernel, strides=stride, padding="valid")
+            if bias is not None:
+                y = y + bias
+            if transposed:
+                # valid output index v = stride*j + k; torch's is v - pad, length stride*(n-1) + k - 2*pad + out_pad
+                end = pad - out_pad
+                if pad or end:
+                    y = y[:, pad:-end or None, pad:-end or None, pad:-end or None]
+            return y
+
+        def norm(y, relu=True):
+            # torch.nn.InstanceNorm3d(affine=False, track_running_stats=False)
+            mean, var = ops.moments(y, axes=[1, 2, 3], keepdims=True)
+            y = (y - mean) * ops.rsqrt(var + _EPS)
+            return ops.relu(y) if relu else y
+
+        def cbr(x, key, relu=True, **kw):
+            return norm(conv(x, key, **kw), relu)
+
+        def block(x, key, stride, downsample):
+            y = cbr(x, f"{key}.double_conv.0", stride=stride, pad=1)
+            y = cbr(y, f"{key}.double_conv.3", relu=False, pad=1)
+            skip = cbr(x, f"{key}.downsample.0", relu=False, stride=2) if downsample else x
+            return ops.relu(y + skip)
+
+        def up(x, key, stride):
+            y = cbr(x, f"{key}.conv1.0")
+            y = cbr(y, f"{key}.tp_conv.0", transposed=True, stride=stride, pad=1, out_pad=stride - 1)
+            return cbr(y, f"{key}.conv2.0")
+
+        x0 = norm(_space_to_depth_conv(x, weights["init.0.weight"]))
         # max pool k3 s2 p1 after ReLU: zero padding == torch's -inf padding since x >= 0
         x0 = ops.max_pool(ops.pad(x0, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0))), 3, strides=2, padding="valid")
         e = [x0]
@@ -208,22 +248,17 @@ def _linknet3d(name: str, params: dict[str, np.ndarray]):
         import tensorflow as tf
 
         # autograph=False: no tensor-dependent Python control flow to convert
-        run = tf.function(forward, input_signature=[tf.TensorSpec((1, None, None, None, 1), tf.float32)],
-                          autograph=False)
+        run = tf.function(forward, autograph=False, input_signature=[
+            tf.TensorSpec((1, None, None, None, 1), tf.float32),
+            {k: tf.TensorSpec(v.shape, tf.float32) for k, v in weights.items()}])
     try:  # every layer's key and shapes: the graph is traced here, once (other backends: a small eager pass)
-        run.get_concrete_function() if run is not forward else forward(ops.zeros((1, 32, 32, 32, 1)))
+        if run is forward:
+            forward(ops.zeros((1, 32, 32, 32, 1)), {k: ops.convert_to_tensor(v) for k, v in weights.items()})
+        else:
+            run.get_concrete_function()
     except (KeyError, ValueError) as exc:
         raise ModelError(f"{WEIGHTS_PATH}: {name} does not fit the LinkNet3d port ({exc})") from exc
-    used = {"init.0.weight", "tp_conv2.weight", "tp_conv2.bias"} | {f"{k}.weight" for k in called} | {
-        f"{k}.bias" for k in called if layers[k][1] is not None}
-    if used != set(params):  # every parameter of the file is used, none twice-named or left over
-        raise ModelError(f"{WEIGHTS_PATH}: parameters {sorted(set(params) - used)} of {name} do not fit the "
-                         "LinkNet3d port")
-    # logit(foreground) - logit(background) of output voxel (2i+p, 2j+q, 2k+r) is
-    # features[i, j, k] @ head_w[:, 4p + 2q + r] + head_b (softmax of two classes = sigmoid of the difference)
-    head_w = (w[:, 1] - w[:, 0]).reshape(8, 8).astype(np.float32)
-    head_b = np.float32(b[1] - b[0])
-    return run, head_w, head_b
+    return run, frozenset(called)
 
 
 def _load_nets(net: str | None = None) -> dict:

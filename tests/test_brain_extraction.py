@@ -91,6 +91,7 @@ print(json.dumps({
     "torch": sorted(k for k in sys.modules if k == "torch" or k.startswith("torch.")),
     "deepbet": "deepbet" in sys.modules,
     "cached": set(nets) == {"bbox_model", "model"} and all(be._NETS[k] is v for k, v in nets.items()),
+    "traced": len(be._TRACED),
     "same_4d": bool(np.array_equal(m, m4)), "dtype": str(m.dtype), "shape": list(m.shape),
     "t_first": t1, "t_second": t2,
 }))
@@ -113,6 +114,7 @@ def test_runs_without_torch_on_synthetic_head(tmp_path):
     assert info["torch"] == [], f"torch modules imported: {info['torch']}"
     assert not info["deepbet"]
     assert info["cached"], "networks were rebuilt on the second call"
+    assert info["traced"] == 1, "the two networks (one architecture) were traced separately"
     assert info["same_4d"], "4D input (volume 0) gave a different mask"
     assert info["dtype"] == "bool" and info["shape"] == list(img.shape)
     mask = np.load(tmp_path / "mask.npy")
@@ -177,7 +179,7 @@ def test_space_to_depth_first_convolution_equals_the_strided_7cube_convolution(n
     w = w_torch.transpose(2, 3, 4, 1, 0)  # -> (7, 7, 7, 1, 16)
     xp = np.pad(x, ((0, 0), (3, 3), (3, 3), (3, 3), (0, 0)))
     want = tf.nn.conv3d(xp, w, strides=[1, 2, 2, 2, 1], padding="VALID").numpy()
-    got = np.asarray(be._space_to_depth_conv(x, w_torch))
+    got = np.asarray(be._space_to_depth_conv(x, be._space_to_depth_kernel(w_torch)))
     assert got.shape == want.shape == (1, 11, 15, 9, 16)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
