@@ -119,8 +119,17 @@ def _linknet3d(name: str, params: dict[str, np.ndarray]):
     outputs. On Keras' TensorFlow backend the forward pass is one ``tf.function`` (a graph, as
     ``predict_on_batch`` ran: eagerly the 256^3 network peaked at 3.2 GB; the whole 3D
     benchmark run peaks at about 1.5 GB with this graph), traced once for any input size
-    and, with the weights as its arguments, once for both networks (:data:`_TRACED`; the
-    second network's trace and first-call graph set-up took 0.3-0.5 s, 2026-12-02).
+    and, with the weights as its arguments, once for both networks (:data:`_TRACED`: that
+    saved the second network's trace and part of its first call's graph set-up, 0.4 s on 2
+    cores, with later calls as fast as with the weights as graph constants, 2026-12-02).
+
+    Parameters
+    ----------
+    name : str
+        ``"bbox_model"`` or ``"model"`` (names the network in messages).
+    params : dict of str to ndarray
+        The network's parameters as deepbet's TorchScript names them (``"<layer>.weight"``,
+        ``"<layer>.bias"``), in PyTorch's layouts.
 
     PyTorch padding is symmetric, ``"same"`` is not for stride 2, so every strided
     convolution pads explicitly, and transposed convolutions run ``"valid"`` and crop what
@@ -177,10 +186,29 @@ def _linknet3d(name: str, params: dict[str, np.ndarray]):
 
 
 def _trace_linknet3d(name: str, weights: dict[str, np.ndarray]):
-    """``(forward(x, weights), called)`` for :func:`_linknet3d`: the LinkNet3d forward pass of
-    the weights named as ``weights``' keys (``"<layer>.weight"``, Keras layout, and
-    ``"<layer>.bias"``), traced once on Keras' TensorFlow backend; ``called``: the layers it
-    uses (ModelError if one it needs is missing)."""
+    """The LinkNet3d forward pass for weights named and shaped as ``weights``, for :func:`_linknet3d`.
+
+    Parameters
+    ----------
+    name : str
+        Names the network in messages.
+    weights : dict of str to ndarray float32
+        ``"<layer>.weight"`` (Keras layout, (d, h, w, in, out)), ``"<layer>.bias"`` where the
+        layer has one, and ``"init.0.weight"`` as :func:`_space_to_depth_kernel` makes it.
+
+    Returns
+    -------
+    (run, called)
+        ``run(x (1, D, H, W, 1), weights as tensors) -> (1, D/2, H/2, W/2, 8)``: on Keras'
+        TensorFlow backend a ``tf.function`` traced here for this signature, on other
+        backends the plain function (checked by one eager pass at 32^3); ``called``: the
+        layer names (without ``.weight``/``.bias``) the pass uses.
+
+    Raises
+    ------
+    ModelError
+        A layer the architecture needs is missing or has shapes that do not fit.
+    """
     import keras
     from keras import ops
 

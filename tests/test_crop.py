@@ -168,12 +168,14 @@ def test_brain_crop_does_not_run_a_slice_without_head(tmp_path):
     assert seen == [(1, 64, 64, 1)] and (mean[1:, ..., 0] == 1).all()
 
 
-def test_another_crop_reuses_the_loaded_model(tmp_path):
+def test_another_crop_reuses_the_loaded_model(tmp_path, monkeypatch):
     """One process's model is loaded once: jobs that differ only in --crop get the same
-    networks with the job's crop (another TTA setting loads them again)."""
+    networks with the job's crop (another TTA setting loads them again); a crop that does
+    not exist is refused, also on a loaded model."""
     from ms3seg_app.cli import run
     from ms3seg_app.participant import RunOptions
 
+    monkeypatch.setattr(run, "_WORKER", {})
     model = _model(tmp_path / "m.keras", seed=2)
     job = dict(model=model, allow_unverified=False, options=RunOptions(tta=False, crop="head"))
     first = run._predictor(job)
@@ -181,8 +183,9 @@ def test_another_crop_reuses_the_loaded_model(tmp_path):
     brain = run._predictor({**job, "options": RunOptions(tta=False, crop="brain")})
     assert brain is first and brain.crop == "brain"
     assert run._predictor(job) is first and first.crop == "head"
+    with pytest.raises(ValueError, match="crop must be one of"):
+        run._predictor({**job, "options": RunOptions(tta=False, crop="Brain")})
     assert run._predictor({**job, "options": RunOptions(tta=True)}) is not first
-    run._WORKER.clear()
 
 
 def test_sources_name_the_file_inside_the_dataset_not_a_symlink_target(tmp_path):

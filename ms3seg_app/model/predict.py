@@ -200,8 +200,6 @@ class Predictor:
                  member_indices: tuple | None = None, crop: str = "head"):
         if not models:
             raise ValueError("a Predictor needs at least one network")
-        if crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         self.card, self.models = card, list(models)
         self.tta, self.batch_size, self.crop = tta, batch_size, crop
         #: which of the card's members ``models`` are (0-based; all of them unless a subset was loaded)
@@ -210,6 +208,18 @@ class Predictor:
         self._graphs: dict = {}  # architecture key -> traced graph
         if len(self.models) > 1:
             self.uncertainty_class  # an ensemble needs the lesion class for its spread: refuse early
+
+    @property
+    def crop(self) -> str:
+        """The in-plane crop :meth:`predict_image` runs (see the class); a setting, not part of
+        the networks: it may be changed between predictions (ValueError if not in :data:`CROPS`)."""
+        return self._crop
+
+    @crop.setter
+    def crop(self, value: str) -> None:
+        if value not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {value!r}")
+        self._crop = value
 
     @property
     def uncertainty_class(self) -> int:
