@@ -111,7 +111,7 @@ def import_tensorflow() -> None:
         import keras  # noqa: F401
         import tensorflow  # noqa: F401
     finally:
-        if "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+        if sys.modules.get("sklearn", False) is None:  # our mark, not a module imported meanwhile
             del sys.modules["sklearn"]
 
 

@@ -339,7 +339,8 @@ class SliceGeometry:
         # the stored-order region to interpolate, the same in RAS+, and the output's region
         whole = tuple(slice(0, n) for n in self.in_shape)
         region = whole if box is None else tuple(slice(int(b.start), int(b.stop)) for b in box)
-        box = _box_in_ras(self.ornt, self.in_shape, region)
+        # stored order -> RAS+ is the inverse orientation's "RAS+ -> stored order"
+        box = _box_in_stored_order(_invert_ornt(np.asarray(self.ornt)), self.ras_shape, region)
         origin = region if crop else whole
         # output voxel o of the box is voxel o + start of the grid: shift the in-plane offset
         offset = np.array([inv_offset[0] + inv_scale[0] * box[0].start, inv_offset[1] + inv_scale[1] * box[1].start,
@@ -442,16 +443,6 @@ def _box_in_stored_order(ornt, in_shape, box) -> tuple:
     for i, (j, flip) in enumerate(ornt):
         b, n = box[int(j)], int(in_shape[i])
         out.append(slice(n - b.stop, n - b.start) if flip < 0 else slice(b.start, b.stop))
-    return tuple(out)
-
-
-def _box_in_ras(ornt, in_shape, box) -> tuple:
-    """The RAS+ slices of the voxels that a stored-order box ``box`` holds (the inverse of
-    :func:`_box_in_stored_order`: a flip maps ``[a, b)`` to ``[n - b, n - a)`` both ways)."""
-    out = [None] * 3
-    for i, (j, flip) in enumerate(ornt):
-        b, n = box[i], int(in_shape[i])
-        out[int(j)] = slice(n - b.stop, n - b.start) if flip < 0 else slice(b.start, b.stop)
     return tuple(out)
 
 
