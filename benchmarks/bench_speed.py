@@ -117,7 +117,7 @@ def run(argv, label: str) -> tuple[float, float, int]:
 
 
 #: Start-up steps run in a thread, in parallel with the BIDS validator (not on the wall clock)
-PARALLEL_STARTUP = ("tensorflow_import", "model_load")
+PARALLEL_STARTUP = ("tensorflow_import",)
 
 
 def participant(bids: Path, out: Path, options: list) -> list:
@@ -125,9 +125,10 @@ def participant(bids: Path, out: Path, options: list) -> list:
     return [sys.executable, "-c", WRAP, "ms3seg_app", str(bids), str(out), "participant", "-q", *options]
 
 
-def logged_seconds(out: Path, key: str = "STAGE_SECONDS") -> dict:
+def logged_seconds(out: Path, key: str = "STAGE_SECONDS") -> dict | float:
     """Times from the run log: the first FLAIR's stages (``STAGE_SECONDS``; parts of a stage
-    are named ``stage.part``) or the run's start-up steps (``STARTUP_SECONDS``)."""
+    are named ``stage.part``), the run's start-up steps (``STARTUP_SECONDS``), or the seconds
+    the networks took to load in their thread (``MODEL_LOAD_SECONDS``, one number); {} if absent."""
     for log in sorted((out / "logs").glob("ms3seg_participant_*.log")):
         for ln in log.read_text().splitlines():
             if key in ln:
@@ -190,9 +191,12 @@ def main() -> None:
             rest = ours - sum(v for k, v in st.items() if "." not in k) - sum(serial.values())
             print(f"{name} {shape}: ours {ours:.1f} s (peak {peak:.0f} MiB), seed bare model {seed_s:.1f} s, "
                   f"ratio {ours / seed_s:.2f} (target <= 0.5); fastest of {a.repeat} each")
+            load = logged_seconds(out, "MODEL_LOAD_SECONDS") if rc == 0 else {}
             print("   start-up: " + ", ".join(f"{k} {v:.2f}" for k, v in serial.items())
                   + f"; interpreter, imports and top-level files {rest:.2f}; in a thread beside the validator: "
-                  + ", ".join(f"{k} {up[k]:.2f}" for k in PARALLEL_STARTUP if k in up))
+                  + ", ".join(f"{k} {up[k]:.2f}" for k in PARALLEL_STARTUP if k in up)
+                  + (f"; model_load {load:.2f} in a thread beside the first FLAIR's checks, slicing and brain "
+                     "extraction (its inference waits for it: waiting_for_model)" if load else ""))
             print("   stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items() if "." not in k))
             print("   inference parts: " + ", ".join(f"{k.split('.', 1)[1]} {v:.2f}" for k, v in st.items() if "." in k))
             t_re, _, _ = run(participant(bids, out, opts), "rerun")

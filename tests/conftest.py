@@ -98,7 +98,7 @@ SLOW_MODULES = {"test_interruptions", "test_container", "test_realdata"}
 SLOW_TESTS = {"test_console_shows_only_our_lines", "test_failed_flair_is_one_line_with_the_traceback_in_logs",
               "test_derivatives_pass_the_bids_validator", "test_changing_the_model_with_a_shared_work_dir_gives_the_fresh_result",
               "test_few_training_steps_on_real_slices_lower_the_loss", "test_bundled_ensemble_regression_on_bids_example",
-              "test_validator_runs_beside_the_model_load_and_an_invalid_dataset_stops_cleanly"}
+              "test_start_up_overlaps_and_an_invalid_dataset_stops_cleanly"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -175,3 +175,74 @@ def test_ensemble_with_a_brain_mask_on_flipped_storage_keeps_its_uncertainty_in_
     background = probability_image(empty.box_probabilities[..., 0], img, empty.box, outside=empty.outside[0])
     assert (np.asarray(background.dataobj) == 255).all()  # 1 with the slope 1/255
     np.testing.assert_array_equal(boxed.outside, [1, 0, 0, 0])
+
+
+def _head(seed=5):
+    rng = np.random.default_rng(seed)
+    data = np.zeros((40, 44, 6), np.float32)
+    data[5:35, 6:38, 1:5] = 100.0 + 30.0 * rng.random((30, 32, 4))
+    return nib.Nifti1Image(data, np.diag([1.0, 1.0, 4.0, 1.0]))
+
+
+def test_background_load_serves_the_model_slices_at_once_and_the_same_prediction_after(tmp_path, monkeypatch):
+    """``Predictor.load(background=True)`` (the CLI's serial run): card, members and model slices
+    are there while the networks still load; inference waits for them (``waiting_for_model``)
+    and gives what a load in the foreground gives."""
+    import threading
+
+    from ms3seg_app.model import predict
+    from ms3seg_app.model.predict import Predictor
+
+    cp = _ensemble(tmp_path, 2)
+    gate, load = threading.Event(), predict.load_members
+
+    def held(*args, **kwargs):
+        assert gate.wait(120), "the test never let the networks load"
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "load_members", held)
+    bg = Predictor.load(cp, tta=False, background=True)
+    img = _head()
+    slices = bg.prepare(img)  # while the networks are held back
+    assert bg.member_indices == (0, 1) and bg.card.n_classes == 4 and slices.x is not None
+    gate.set()
+    got = bg.predict_image(img, slices=slices)
+    assert got.timings["waiting_for_model"] >= 0 and len(bg.models) == 2
+    want = Predictor.load(cp, tta=False).predict_image(img)
+    np.testing.assert_array_equal(got.dseg, want.dseg)
+    np.testing.assert_allclose(got.box_probabilities.astype(float), want.box_probabilities.astype(float), atol=1e-3)
+    np.testing.assert_allclose(got.box_uncertainty.astype(float), want.box_uncertainty.astype(float), atol=1e-3)
+
+
+def test_background_load_refuses_a_tampered_member_at_once_and_raises_a_load_error_at_every_use(tmp_path,
+                                                                                               monkeypatch):
+    from ms3seg_app.exceptions import ModelError
+    from ms3seg_app.model import predict
+    from ms3seg_app.model.predict import Predictor
+
+    (tmp_path / "a").mkdir()
+    tampered = _ensemble(tmp_path / "a", 2)
+    with open(tmp_path / "a" / "m1.keras", "ab") as fh:
+        fh.write(b"x")
+    calls = []
+    monkeypatch.setattr(predict, "load_members", lambda *a, **k: calls.append(a))
+    with pytest.raises(ModelError, match="sha256"):  # checked before the thread starts: nothing loaded
+        Predictor.load(tampered, background=True)
+    assert not calls
+
+    def refused(card, indices, allow_unverified=False, verified=False):
+        assert verified  # the files were checked before the thread: not hashed twice
+        raise ModelError("cannot load m0.keras: refused by Keras safe mode")
+
+    monkeypatch.setattr(predict, "load_members", refused)
+    (tmp_path / "b").mkdir()
+    bg = Predictor.load(_ensemble(tmp_path / "b", 2), background=True)
+    for _ in range(2):
+        with pytest.raises(ModelError, match="safe mode"):
+            bg.models
+    with pytest.raises(ModelError, match="safe mode"):
+        bg.predict_image(_head())
+    from concurrent.futures import Future
+
+    with pytest.raises(ValueError, match="member_indices"):  # a future alone does not say which members
+        Predictor(bg.card, Future())

@@ -235,10 +235,16 @@ def test_failed_flair_is_one_line_with_the_traceback_in_logs(tmp_path, tiny_mode
     assert not (out / "sub-02").exists() or not list((out / "sub-02").rglob("*.nii.gz"))
 
 
-def test_validator_runs_beside_the_model_load_and_an_invalid_dataset_stops_cleanly(tmp_path, tiny_model):
-    """TensorFlow and the model load in a thread while the validator runs; an invalid dataset
-    still stops the run (exit 1, one line, nothing processed) after that thread is joined."""
+def test_start_up_overlaps_and_an_invalid_dataset_stops_cleanly(tmp_path, tiny_model, monkeypatch):
+    """TensorFlow is imported in a thread while the validator runs, the networks load in
+    another while the first FLAIR is checked, sliced and brain-extracted (its inference waits
+    for them); an invalid dataset still stops the run (exit 1, one line, nothing processed)
+    after the first thread is joined, and the networks are never loaded."""
     import threading
+
+    from ms3seg_app.cli import run
+
+    monkeypatch.setattr(run, "_WORKER", {})  # no network loaded by an earlier test of this process
 
     exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator-deno",
                                                                   path=os.path.dirname(sys.executable))
@@ -252,7 +258,9 @@ def test_validator_runs_beside_the_model_load_and_an_invalid_dataset_stops_clean
     assert _run([bids, out, *args]) == 0
     log = next((out / "logs").glob("ms3seg_participant_*.log")).read_text()
     startup = json.loads(log.split("STARTUP_SECONDS", 1)[1].splitlines()[0])
-    assert {"validation", "model_load", "waiting_for_model"} <= set(startup)
+    assert {"validation", "tensorflow_import", "waiting_for_tensorflow", "model_check"} <= set(startup)
+    assert "MODEL_LOAD_SECONDS" in log
+    assert "inference.waiting_for_model" in json.loads(log.split("STAGE_SECONDS", 1)[1].splitlines()[0])
 
     shutil.rmtree(out)
     (bids / "sub-02" / "anat" / "sub-02_notasuffix.nii.gz").write_bytes(b"x")  # not a BIDS file name
@@ -261,3 +269,32 @@ def test_validator_runs_beside_the_model_load_and_an_invalid_dataset_stops_clean
     log = next((out / "logs").glob("ms3seg_participant_*.log")).read_text()
     assert "is not a valid BIDS dataset" in log and "--skip-bids-validation" in log
     assert not [t for t in threading.enumerate() if t.name.startswith("ms3seg-startup")]
+    assert "MODEL_LOAD_SECONDS" not in log
+
+
+def test_networks_that_fail_to_load_in_the_background_fail_the_run_not_each_flair(tmp_path, tiny_model,
+                                                                                  monkeypatch):
+    """A model whose files match its card but which Keras refuses (e.g. custom code) is found
+    while the first FLAIR is brain-extracted: the run stops with the model's error (exit 1, one
+    line), no FLAIR is recorded as failed, nothing is written for it and the rest is not run."""
+    from ms3seg_app.exceptions import ModelError
+    from ms3seg_app.model import predict
+    from ms3seg_app.model.card import card_path_for
+
+    model = tmp_path / "model" / tiny_model.name  # a path of its own: no process-wide cached load
+    model.parent.mkdir()
+    shutil.copy(tiny_model, model)
+    shutil.copy(card_path_for(tiny_model), card_path_for(model))
+
+    def refused(card, indices, allow_unverified=False, verified=False):
+        raise ModelError(f"cannot load {card.members[indices[0]].path}: refused by Keras safe mode")
+
+    monkeypatch.setattr(predict, "load_members", refused)
+    bids = tmp_path / "bids"
+    shutil.copytree(EXAMPLE, bids)
+    out = tmp_path / "out"
+    assert _run([bids, out, "participant", "--skip-bids-validation", "--skull-strip", "none", "--device", "cpu",
+                 "--no-reports", "--model", model]) == 1
+    log = next((out / "logs").glob("ms3seg_participant_*.log")).read_text()
+    assert "refused by Keras safe mode" in log and "finished:" not in log
+    assert not list(out.rglob("*_dseg.nii.gz")) and not list((out / "logs").glob("crash-*"))

@@ -279,21 +279,30 @@ def _participant(opts, run_uuid: str, console) -> int:
     nprocs = max(1, min(opts.nprocs, len(todo)))
     threads = opts.omp_nthreads if opts.omp_nthreads > 0 else max(1, (os.cpu_count() or 1) // nprocs)
     if todo:
-        # TensorFlow's import and the model load (4-6 s) run in a thread while the BIDS
-        # validator (a 2-3 s subprocess) checks the dataset: the process waits once, not twice.
-        # An invalid dataset still waits for the thread (leaving the pool joins it) before exiting.
+        # TensorFlow's import (3-5 s) runs in a thread while the BIDS validator (a 2-3 s
+        # subprocess) checks the dataset: the process waits once, not twice. An invalid dataset
+        # still waits for the thread (leaving the pool joins it) before exiting.
         import concurrent.futures as cf
 
         with cf.ThreadPoolExecutor(1, thread_name_prefix="ms3seg-startup") as pool:
-            warm_up = pool.submit(_warm_up, opts, options, threads, nprocs)
+            warm_up = pool.submit(_warm_up, opts, threads, nprocs)
             if not opts.skip_bids_validation:  # a rerun with nothing left to do skips the validator
                 t0 = time.perf_counter()
                 validate_bids(opts.bids_dir)
                 startup["validation"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            device, warm_seconds = warm_up.result()  # re-raises a model error here
-            startup["waiting_for_model"] = time.perf_counter() - t0
+            device, warm_seconds = warm_up.result()
+            startup["waiting_for_tensorflow"] = time.perf_counter() - t0
         startup.update(warm_seconds)
+        job = dict(model=opts.model, allow_unverified=opts.allow_unverified_model, options=options,
+                   output_dir=opts.output_dir, bids_dir=opts.bids_dir)
+        if nprocs == 1:
+            # the networks load in a thread of their own (1-2 s) while the first FLAIR is checked,
+            # sliced and brain-extracted; its inference waits for them. The members' sha256 are
+            # checked here: a tampered model stops the run before anything is written.
+            t0 = time.perf_counter()
+            _predictor(job, background=True)
+            startup["model_check"] = time.perf_counter() - t0
     write_top_level(opts.output_dir, card.classes, opts.bids_dir, container)
     write_used_card(opts.output_dir, card)
     if todo:
@@ -302,10 +311,8 @@ def _participant(opts, run_uuid: str, console) -> int:
             "version": __version__, "argv": sys.argv, "device": device, "threads_per_flair": threads,
             "nprocs": nprocs, "model_card": str(card.path), "model_sha256": card.sha256,
             "bids_dir": str(opts.bids_dir), "inputs": [str(fi.path) for fi, _ in todo]})
-        work = opts.work_dir or Path(tempfile.mkdtemp(prefix=f"ms3seg_work_{run_uuid}_"))
+        work = job["work_dir"] = opts.work_dir or Path(tempfile.mkdtemp(prefix=f"ms3seg_work_{run_uuid}_"))
         work.mkdir(parents=True, exist_ok=True)
-        job = dict(model=opts.model, allow_unverified=opts.allow_unverified_model, options=options,
-                   output_dir=opts.output_dir, work_dir=work, bids_dir=opts.bids_dir)
         try:
             if nprocs > 1:
                 import concurrent.futures as cf
@@ -324,7 +331,10 @@ def _participant(opts, run_uuid: str, console) -> int:
 
                 stream = console or sys.stderr
                 for fi, sha in tqdm(todo, disable=not stream.isatty(), unit="FLAIR", file=stream, leave=False):
-                    _record(*_process_one(fi, job, sha), done, failed, opts.output_dir, run_uuid)
+                    outcome = _process_one(fi, job, sha)
+                    # networks that failed to load fail the run (ModelError, exit 1), not each FLAIR
+                    _predictor(job).models
+                    _record(*outcome, done, failed, opts.output_dir, run_uuid)
         finally:
             if opts.work_dir is None:
                 shutil.rmtree(work, ignore_errors=True)
@@ -339,23 +349,18 @@ def _participant(opts, run_uuid: str, console) -> int:
 _WORKER: dict = {}
 
 
-def _warm_up(opts, options, threads: int, nprocs: int) -> tuple[str, dict]:
-    """Set the device and threads and, for a serial run, import TensorFlow and Keras and load the model
-    (worker processes do both themselves: :func:`_init_worker`).
+def _warm_up(opts, threads: int, nprocs: int) -> tuple[str, dict]:
+    """Set the device and threads and, for a serial run, import TensorFlow and Keras (worker
+    processes import them themselves: :func:`_init_worker`).
 
-    Returns the device used and the seconds of each step (``tensorflow_import``,
-    ``model_load``; both run in parallel with the BIDS validator).
+    Returns the device used and the seconds it took (``tensorflow_import``, in parallel with
+    the BIDS validator).
     """
     t0 = time.perf_counter()
     device = select_device(opts.device, threads)
-    if nprocs > 1:
-        return device, {"tensorflow_import": time.perf_counter() - t0}
-    import_tensorflow()
-    seconds = {"tensorflow_import": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    _predictor(dict(model=opts.model, allow_unverified=opts.allow_unverified_model, options=options))
-    seconds["model_load"] = time.perf_counter() - t0
-    return device, seconds
+    if nprocs == 1:
+        import_tensorflow()
+    return device, {"tensorflow_import": time.perf_counter() - t0}
 
 
 def _init_worker(threads: int, device: str, verbose: int, quiet: int) -> None:
@@ -365,9 +370,10 @@ def _init_worker(threads: int, device: str, verbose: int, quiet: int) -> None:
     _setup_logging(verbose, quiet, None)
 
 
-def _predictor(job: dict):
-    """The model, loaded once per process; the in-plane crop (``--crop``) is only a setting
-    of the loaded model, so another crop does not load it again."""
+def _predictor(job: dict, background: bool = False):
+    """The model, loaded once per process (``background``: its networks load in a thread,
+    :meth:`~ms3seg_app.model.predict.Predictor.load`); the in-plane crop (``--crop``) is only a
+    setting of the loaded model, so another crop does not load it again."""
     o = job["options"]
     key = (str(job["model"]), job["allow_unverified"], o.tta, o.members)
     if key not in _WORKER:
@@ -375,7 +381,7 @@ def _predictor(job: dict):
 
         _WORKER.clear()
         _WORKER[key] = Predictor.load(job["model"], job["allow_unverified"], tta=o.tta, members=o.members,
-                                      crop=o.crop)
+                                      crop=o.crop, background=background)
     _WORKER[key].crop = o.crop
     return _WORKER[key]
 

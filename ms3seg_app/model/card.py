@@ -357,13 +357,25 @@ def verify_net_in_out(model, card: ModelCard, where: str = "model") -> None:
         raise ModelError(f"{where}: the network's output is not a softmax over the card's classes")
 
 
-def load_member(member: Member, card: ModelCard, allow_unverified: bool = False):
+def check_member(member: Member, allow_unverified: bool = False) -> None:
+    """:func:`verify_member`, or with ``allow_unverified`` a warning for a mismatch (a missing
+    file is refused either way)."""
+    try:
+        verify_member(member)
+    except ModelError:
+        if not allow_unverified or not member.path.is_file():
+            raise
+        LOGGER.warning("loading %s although its sha256 differs from the card", member.path)
+
+
+def load_member(member: Member, card: ModelCard, allow_unverified: bool = False, verified: bool = False):
     """Load one weights file of a card, verified.
 
     ``.keras`` files load in Keras safe mode (no arbitrary code: lambda layers are
     refused) unless ``allow_unverified``; ``.h5`` files (MS3SEG's published format) are
     loaded as weights into the card's architecture from :data:`ARCHITECTURES`, so no code
-    from the file ever runs.
+    from the file ever runs. ``verified``: :func:`check_member` was called already (its
+    sha256 is not computed again).
 
     Returns
     -------
@@ -378,12 +390,8 @@ def load_member(member: Member, card: ModelCard, allow_unverified: bool = False)
 
     from . import losses  # noqa: F401  (registers MarginalDiceCE for deserialisation)
 
-    try:
-        verify_member(member)
-    except ModelError:
-        if not allow_unverified or not member.path.is_file():
-            raise
-        LOGGER.warning("loading %s although its sha256 differs from the card", member.path)
+    if not verified:
+        check_member(member, allow_unverified)
     try:
         if member.path.suffix == ".h5":
             model = ARCHITECTURES[card.architecture["type"]](card)
@@ -423,7 +431,13 @@ def load_model(model: Path | str | None = None, allow_unverified: bool = False, 
         card does not have.
     """
     card = load_card(model)
-    return [load_member(card.members[i], card, allow_unverified) for i in card.member_indices(members)], card
+    return load_members(card, card.member_indices(members), allow_unverified), card
+
+
+def load_members(card: ModelCard, indices, allow_unverified: bool = False, verified: bool = False) -> list:
+    """The networks of the card's members ``indices`` (0-based, in that order), each loaded by
+    :func:`load_member` (``verified``: their files were checked already, :func:`check_member`)."""
+    return [load_member(card.members[i], card, allow_unverified, verified) for i in indices]
 
 
 def write_card(card: dict, weights: Path | str) -> Path:

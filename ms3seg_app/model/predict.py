@@ -17,7 +17,7 @@ import numpy as np
 
 from ..preprocessing import to_model_slices
 from ..preprocessing.geometry import SliceGeometry, per_slice_boxes
-from .card import ModelCard, load_model
+from .card import ModelCard, check_member, load_card, load_members, load_model
 
 LOGGER = logging.getLogger("ms3seg.inference")
 
@@ -96,7 +96,8 @@ class Prediction:
         given to :meth:`Predictor.predict_image` (empty for an empty mask), or the whole grid.
     timings : dict
         Seconds of ``slicing`` (reorientation, resampling, normalisation; absent when the
-        slices were made beforehand by :meth:`Predictor.prepare`), ``network``,
+        slices were made beforehand by :meth:`Predictor.prepare`), ``waiting_for_model``
+        (networks still loading in the background, 0 once loaded), ``network``,
         ``inverse_resampling`` (onto the input grid) and ``postprocessing``.
     """
 
@@ -181,8 +182,9 @@ class Predictor:
     Parameters
     ----------
     card : ModelCard
-    models : list of keras.Model
-        The card's members in order, or those of ``member_indices``.
+    models : list of keras.Model, or a concurrent.futures.Future of that list
+        The card's members in order, or those of ``member_indices``; a future: networks
+        still loading (:meth:`load` with ``background=True``; ``member_indices`` required).
     tta : bool
         Average each member with its left-right flipped prediction.
     batch_size : int
@@ -198,16 +200,34 @@ class Predictor:
 
     def __init__(self, card: ModelCard, models: list, tta: bool = True, batch_size: int = 16,
                  member_indices: tuple | None = None, crop: str = "head"):
-        if not models:
-            raise ValueError("a Predictor needs at least one network")
-        self.card, self.models = card, list(models)
+        from concurrent.futures import Future
+
+        self._pending = models if isinstance(models, Future) else None
+        if self._pending is None:
+            if not models:
+                raise ValueError("a Predictor needs at least one network")
+            self._models = list(models)
+        elif not member_indices:
+            raise ValueError("networks still loading need their member_indices")
+        self.card = card
         self.tta, self.batch_size, self.crop = tta, batch_size, crop
         #: which of the card's members ``models`` are (0-based; all of them unless a subset was loaded)
-        self.member_indices = tuple(member_indices) if member_indices is not None else tuple(range(len(models)))
+        self.member_indices = (tuple(member_indices) if member_indices is not None
+                               else tuple(range(len(self._models))))
         self._fns = None
         self._graphs: dict = {}  # architecture key -> traced graph
-        if len(self.models) > 1:
+        if len(self.member_indices) > 1:
             self.uncertainty_class  # an ensemble needs the lesion class for its spread: refuse early
+
+    @property
+    def models(self) -> list:
+        """The networks (keras.Model), in the order of :attr:`member_indices`. While they still
+        load in the background (:meth:`load` with ``background=True``) this waits for them, and
+        raises their load's error (ModelError) if it failed, at every access."""
+        if self._pending is not None:
+            self._models = list(self._pending.result())
+            self._pending = None
+        return self._models
 
     @property
     def crop(self) -> str:
@@ -230,12 +250,42 @@ class Predictor:
 
     @classmethod
     def load(cls, model=None, allow_unverified: bool = False, tta: bool = True, members=None,
-             crop: str = "head") -> "Predictor":
-        """Load the card and networks of ``model`` (see :func:`~ms3seg_app.model.card.load_model`);
-        ``members``: 0-based indices of the card's members to run (default all; nnU-Net's ``-f``);
-        ``crop``: see the class."""
-        models, card = load_model(model, allow_unverified, members)
-        return cls(card, models, tta=tta, member_indices=card.member_indices(members), crop=crop)
+             crop: str = "head", background: bool = False) -> "Predictor":
+        """Load the card and networks of ``model`` (see :func:`~ms3seg_app.model.card.load_model`).
+
+        Parameters
+        ----------
+        members : sequence of int, optional
+            0-based indices of the card's members to run (default all; nnU-Net's ``-f``).
+        crop : {"head", "brain"}
+            See the class.
+        background : bool
+            Return once the card is read and the members' files are checked against it (so a
+            bad card or a tampered file is refused here); the networks load in a thread of
+            their own, and their first use (:attr:`models`, :meth:`predict_image`) waits for
+            them. What comes before inference (:meth:`prepare`, brain extraction) runs
+            meanwhile: the CLI's first FLAIR does.
+
+        Raises
+        ------
+        ModelError
+            See :func:`~ms3seg_app.model.card.load_model`; with ``background``, the networks'
+            own load errors (e.g. custom code refused by Keras safe mode) are raised at their
+            first use instead.
+        """
+        if not background:
+            models, card = load_model(model, allow_unverified, members)
+            return cls(card, models, tta=tta, member_indices=card.member_indices(members), crop=crop)
+        from concurrent.futures import ThreadPoolExecutor
+
+        card = load_card(model)
+        indices = card.member_indices(members)
+        for i in indices:
+            check_member(card.members[i], allow_unverified)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ms3seg-model")
+        pending = pool.submit(_timed_load, card, indices, allow_unverified)
+        pool.shutdown(wait=False)  # the thread ends with the load
+        return cls(card, pending, tta=tta, member_indices=indices, crop=crop)
 
     @classmethod
     def from_model(cls, model, card: dict | ModelCard, tta: bool = True, batch_size: int = 16,
@@ -426,6 +476,8 @@ class Predictor:
                              "predict_image() the same image object")
         geom, x = slices.geometry, slices.x
         slices.x = None
+        t0 = time.perf_counter()
+        self.models  # networks still loading (load(..., background=True)) are waited for here
         t1 = time.perf_counter()
         # slices without brain are not run: outside the mask every voxel is background
         run = boxes = None
@@ -473,7 +525,7 @@ class Predictor:
             dseg[box] = self.postprocess(probs, spacing)
         # slicing is part of this call's time only when it made the slices
         timings = ({"slicing": slices.seconds} if made_here else {}) | {
-            "network": t2 - t1, "inverse_resampling": t3 - t2, "postprocessing": time.perf_counter() - t3}
+            "waiting_for_model": t1 - t0, "network": t2 - t1, "inverse_resampling": t3 - t2, "postprocessing": time.perf_counter() - t3}
         return Prediction(probs, dseg, unc, box, timings)
 
     def postprocess(self, probs: np.ndarray, spacing) -> np.ndarray:
@@ -496,6 +548,15 @@ class Predictor:
                                                 nwmh=self.card.class_index("NWMH"),
                                                 ventricles=self.card.class_index("VEN"))
         return argmax_uint8(probs)
+
+
+def _timed_load(card: ModelCard, indices: tuple, allow_unverified: bool) -> list:
+    """:func:`~ms3seg_app.model.card.load_members` of files checked already, its time logged
+    (``MODEL_LOAD_SECONDS``: benchmarks read it)."""
+    t0 = time.perf_counter()
+    models = load_members(card, indices, allow_unverified, verified=True)
+    LOGGER.debug("MODEL_LOAD_SECONDS %.3f", time.perf_counter() - t0)
+    return models
 
 
 def _architecture_key(model) -> str:
