@@ -186,24 +186,30 @@ def _head(seed=5):
 
 def test_background_load_serves_the_model_slices_at_once_and_the_same_prediction_after(tmp_path, monkeypatch):
     """``Predictor.load(background=True)`` (the CLI's serial run): card, members and model slices
-    are there while the networks still load; inference waits for them (``waiting_for_model``)
-    and gives what a load in the foreground gives."""
+    are there while the networks still load; the load starts once the first slices are made
+    (not beside the slicing: both hold Python's lock); inference waits for it
+    (``waiting_for_model``) and gives what a load in the foreground gives."""
     import threading
+    import time
 
     from ms3seg_app.model import predict
     from ms3seg_app.model.predict import Predictor
 
     cp = _ensemble(tmp_path, 2)
-    gate, load = threading.Event(), predict.load_members
+    gate, load, started = threading.Event(), predict.load_members, threading.Event()
 
     def held(*args, **kwargs):
+        started.set()
         assert gate.wait(120), "the test never let the networks load"
         return load(*args, **kwargs)
 
     monkeypatch.setattr(predict, "load_members", held)
     bg = Predictor.load(cp, tta=False, background=True)
+    time.sleep(0.5)
+    assert not started.is_set(), "the networks' load started before any slices were made"
     img = _head()
-    slices = bg.prepare(img)  # while the networks are held back
+    slices = bg.prepare(img)  # the load starts here, and is held back
+    assert started.wait(30), "prepare() did not start the networks' load"
     assert bg.member_indices == (0, 1) and bg.card.n_classes == 4 and slices.x is not None
     gate.set()
     got = bg.predict_image(img, slices=slices)

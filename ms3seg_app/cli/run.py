@@ -297,9 +297,9 @@ def _participant(opts, run_uuid: str, console) -> int:
         job = dict(model=opts.model, allow_unverified=opts.allow_unverified_model, options=options,
                    output_dir=opts.output_dir, bids_dir=opts.bids_dir)
         if nprocs == 1:
-            # the networks load in a thread of their own (1-2 s) while the first FLAIR is checked,
-            # sliced and brain-extracted; its inference waits for them. The members' sha256 are
-            # checked here: a tampered model stops the run before anything is written.
+            # the networks load in a thread of their own (1-2 s) from when the first FLAIR is
+            # sliced, while it is brain-extracted; its inference waits for them. The members'
+            # sha256 are checked here: a tampered model stops the run before anything is written.
             t0 = time.perf_counter()
             _predictor(job, background=True)
             startup["model_check"] = time.perf_counter() - t0

@@ -202,7 +202,7 @@ class Predictor:
                  member_indices: tuple | None = None, crop: str = "head"):
         from concurrent.futures import Future
 
-        self._pending = models if isinstance(models, Future) else None
+        self._pending = models if isinstance(models, (Future, _DeferredLoad)) else None
         if self._pending is None:
             if not models:
                 raise ValueError("a Predictor needs at least one network")
@@ -225,7 +225,8 @@ class Predictor:
         load in the background (:meth:`load` with ``background=True``) this waits for them, and
         raises their load's error (ModelError) if it failed, at every access."""
         if self._pending is not None:
-            self._models = list(self._pending.result())
+            pending = self._pending.start() if isinstance(self._pending, _DeferredLoad) else self._pending
+            self._models = list(pending.result())
             self._pending = None
         return self._models
 
@@ -263,8 +264,10 @@ class Predictor:
             Return once the card is read and the members' files are checked against it (so a
             bad card or a tampered file is refused here); the networks load in a thread of
             their own, and their first use (:attr:`models`, :meth:`predict_image`) waits for
-            them. What comes before inference (:meth:`prepare`, brain extraction) runs
-            meanwhile: the CLI's first FLAIR does.
+            them. The thread starts when the first :meth:`prepare` has made its slices (or at
+            that first use): Keras' deserialisation and the slicing's resampling both hold
+            Python's lock, so the load overlaps brain extraction instead (TensorFlow, which
+            releases it), as the CLI's first FLAIR does.
 
         Raises
         ------
@@ -276,16 +279,11 @@ class Predictor:
         if not background:
             models, card = load_model(model, allow_unverified, members)
             return cls(card, models, tta=tta, member_indices=card.member_indices(members), crop=crop)
-        from concurrent.futures import ThreadPoolExecutor
-
         card = load_card(model)
         indices = card.member_indices(members)
         for i in indices:
             check_member(card.members[i], allow_unverified)
-        pool = ThreadPoolExecutor(1, thread_name_prefix="ms3seg-model")
-        pending = pool.submit(_timed_load, card, indices, allow_unverified)
-        pool.shutdown(wait=False)  # the thread ends with the load
-        return cls(card, pending, tta=tta, member_indices=indices, crop=crop)
+        return cls(card, _DeferredLoad(card, indices, allow_unverified), tta=tta, member_indices=indices, crop=crop)
 
     @classmethod
     def from_model(cls, model, card: dict | ModelCard, tta: bool = True, batch_size: int = 16,
@@ -438,6 +436,8 @@ class Predictor:
         """
         t0 = time.perf_counter()
         geom, x = to_model_slices(img, self.card.preprocessing)
+        if isinstance(self._pending, _DeferredLoad):
+            self._pending.start()  # networks loading in the background: from now on (see load)
         return ModelSlices(geom, x, time.perf_counter() - t0, tuple(int(v) for v in img.shape[:3]), weakref.ref(img))
 
     def predict_image(self, img: nib.spatialimages.SpatialImage, mask: np.ndarray | None = None,
@@ -548,6 +548,30 @@ class Predictor:
                                                 nwmh=self.card.class_index("NWMH"),
                                                 ventricles=self.card.class_index("VEN"))
         return argmax_uint8(probs)
+
+
+class _DeferredLoad:
+    """The networks' background load (:meth:`Predictor.load` with ``background=True``), not
+    started yet: :meth:`start` runs :func:`_timed_load` in a thread of its own, once.
+
+    Started late rather than at once: the 1 mm scans' slicing (scipy.ndimage, which holds
+    Python's lock) took 3.1-3.7 s instead of 1.3-1.5 s beside Keras' deserialisation
+    (2026-12-03, 2 cores). A load never started leaves no thread to wait for at exit.
+    """
+
+    def __init__(self, card: ModelCard, indices: tuple, allow_unverified: bool):
+        self._args = (card, indices, allow_unverified)
+        self._future = None
+
+    def start(self):
+        """The load's ``concurrent.futures.Future``, its thread started at the first call."""
+        if self._future is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1, thread_name_prefix="ms3seg-model")
+            self._future = pool.submit(_timed_load, *self._args)
+            pool.shutdown(wait=False)  # the thread ends with the load
+        return self._future
 
 
 def _timed_load(card: ModelCard, indices: tuple, allow_unverified: bool) -> list:
