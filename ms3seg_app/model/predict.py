@@ -555,8 +555,8 @@ class _DeferredLoad:
     started yet: :meth:`start` runs :func:`_timed_load` in a thread of its own, once.
 
     Started late rather than at once: the 1 mm scans' slicing (scipy.ndimage, which holds
-    Python's lock) took 3.1-3.7 s instead of 1.3-1.5 s beside Keras' deserialisation
-    (2026-12-03, 2 cores). A load never started leaves no thread to wait for at exit.
+    Python's lock) took 3.2-4.0 s instead of 1.3-1.6 s beside Keras' deserialisation (in one
+    process, 2026-12-03, 2 cores). A load never started leaves no thread to wait for at exit.
     """
 
     def __init__(self, card: ModelCard, indices: tuple, allow_unverified: bool):
