@@ -224,11 +224,17 @@ class Predictor:
         """The networks (keras.Model), in the order of :attr:`member_indices`. While they still
         load in the background (:meth:`load` with ``background=True``) this waits for them, and
         raises their load's error (ModelError) if it failed, at every access."""
-        if self._pending is not None:
-            pending = self._pending.start() if isinstance(self._pending, _DeferredLoad) else self._pending
-            self._models = list(pending.result())
+        if self._start_load() is not None:
+            self._models = list(self._pending.result())
             self._pending = None
         return self._models
+
+    def _start_load(self):
+        """Start a deferred background load (:meth:`load`); the load's Future while the
+        networks are not taken yet, else None."""
+        if isinstance(self._pending, _DeferredLoad):
+            self._pending = self._pending.start()
+        return self._pending
 
     @property
     def crop(self) -> str:
@@ -436,8 +442,7 @@ class Predictor:
         """
         t0 = time.perf_counter()
         geom, x = to_model_slices(img, self.card.preprocessing)
-        if isinstance(self._pending, _DeferredLoad):
-            self._pending.start()  # networks loading in the background: from now on (see load)
+        self._start_load()  # networks loading in the background: from now on (see load)
         return ModelSlices(geom, x, time.perf_counter() - t0, tuple(int(v) for v in img.shape[:3]), weakref.ref(img))
 
     def predict_image(self, img: nib.spatialimages.SpatialImage, mask: np.ndarray | None = None,
@@ -552,7 +557,8 @@ class Predictor:
 
 class _DeferredLoad:
     """The networks' background load (:meth:`Predictor.load` with ``background=True``), not
-    started yet: :meth:`start` runs :func:`_timed_load` in a thread of its own, once.
+    started yet: :meth:`start` runs :func:`_timed_load` in a thread of its own (called once:
+    the Predictor keeps the Future instead).
 
     Started late rather than at once: the 1 mm scans' slicing (scipy.ndimage, which holds
     Python's lock) took 3.2-4.0 s instead of 1.3-1.6 s beside Keras' deserialisation (in one
@@ -561,17 +567,15 @@ class _DeferredLoad:
 
     def __init__(self, card: ModelCard, indices: tuple, allow_unverified: bool):
         self._args = (card, indices, allow_unverified)
-        self._future = None
 
     def start(self):
-        """The load's ``concurrent.futures.Future``, its thread started at the first call."""
-        if self._future is None:
-            from concurrent.futures import ThreadPoolExecutor
+        """Start the load's thread; its ``concurrent.futures.Future``."""
+        from concurrent.futures import ThreadPoolExecutor
 
-            pool = ThreadPoolExecutor(1, thread_name_prefix="ms3seg-model")
-            self._future = pool.submit(_timed_load, *self._args)
-            pool.shutdown(wait=False)  # the thread ends with the load
-        return self._future
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ms3seg-model")
+        future = pool.submit(_timed_load, *self._args)
+        pool.shutdown(wait=False)  # the thread ends with the load
+        return future
 
 
 def _timed_load(card: ModelCard, indices: tuple, allow_unverified: bool) -> list:
