@@ -14,8 +14,8 @@ EXAMPLE = ROOT / "bids_example"
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                     reason="needs root and setpriv to drop to user nobody (file permissions bind root nowhere)")
-@pytest.mark.skipif(any(not os.stat(p).st_mode & 0o001 for p in ROOT.parents),
-                    reason="user nobody cannot reach the checkout (a parent folder is private, e.g. mktemp -d)")
+@pytest.mark.skipif(any(not os.stat(p).st_mode & 0o001 for p in (ROOT, *ROOT.parents)),
+                    reason="user nobody cannot reach the checkout (it or a parent folder is private, e.g. mktemp -d)")
 def test_runs_as_unprivileged_user_with_unwritable_home():
     """As user nobody, HOME nonexistent, package and dataset read-only: only out/work/TMPDIR are written."""
     import tempfile
