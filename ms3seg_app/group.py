@@ -258,14 +258,28 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
 
 
 def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
-    """Participants of ``participants.tsv`` without results, and FLAIRs with crash logs."""
+    """Participants of ``participants.tsv`` without results, and FLAIRs with crash logs.
+
+    A crash log counts unless the FLAIR's results are complete (``df["qc_incomplete"]``
+    false) and were finished after it (their dseg sidecar, written last, is newer): a
+    FLAIR that failed once and succeeded later is not listed, one whose rerun failed is,
+    even where an earlier run's tables are still there.
+    """
+    from .derivatives import flair_entities, flair_outputs
+
     rows = []
-    done = set(df["prefix"])
+    incomplete = df["qc_incomplete"] if "qc_incomplete" in df else pd.Series(False, index=df.index)
+    done = set(df.loc[~incomplete.astype(bool), "prefix"])
     crashed = set()
     for crash in sorted((Path(output_dir) / "logs").glob("crash-*.txt")):
         prefix = prefix_from_crash_log(crash)
-        if prefix in done:  # failed once, succeeded on a later run
-            continue
+        if prefix in done:
+            side = flair_outputs(flair_entities(prefix), output_dir)["dseg_json"]
+            try:
+                if side.stat().st_mtime >= crash.stat().st_mtime:  # failed once, succeeded on a later run
+                    continue
+            except OSError:
+                pass
         lines = [ln for ln in crash.read_text().splitlines() if ln.strip()]
         crashed.add(prefix.split("_")[0])
         rows.append({"participant_id": prefix.split("_")[0], "flair": prefix,

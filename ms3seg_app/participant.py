@@ -265,6 +265,10 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, options: RunOptio
         if is_complete(fi, output_dir, card, options, source_sha):
             return FlairResult(prefix, "skipped")
         _remove_stale_temporaries(paths)  # under the lock: no live writer owns them
+        # the previous results' completion marker goes before anything is written: a rerun that
+        # fails or is killed part-way leaves the FLAIR incomplete (the group level flags it),
+        # never this run's first tables beside the previous run's sidecar
+        paths["dseg_json"].unlink(missing_ok=True)
         return _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, paths, prefix, timer,
                                source_sha, t0)
 
