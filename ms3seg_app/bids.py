@@ -8,14 +8,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .derivatives import NAME_ENTITIES
 from .exceptions import InputDataError, UsageError
 
 LOGGER = logging.getLogger("ms3seg.bids")
 LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
-#: Entities that name a FLAIR's outputs, in BIDS filename order.
-NAME_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run")
-_SHORT = {"subject": "sub", "session": "ses", "acquisition": "acq", "ceagent": "ce",
-          "reconstruction": "rec", "run": "run"}
 
 
 def validate_label(label: str, what: str = "participant") -> str:
@@ -50,20 +47,11 @@ class FlairInput:
 
     @property
     def prefix(self) -> str:
-        """``sub-X[_ses-Y][_acq-Z][_run-N]`` naming the outputs of this FLAIR."""
-        parts = []
-        for ent in NAME_ENTITIES:
-            if self.entities.get(ent) is not None:
-                parts.append(f"{_SHORT[ent]}-{self.entities[ent]}")
-        return "_".join(parts)
+        """``sub-X[_ses-Y][_acq-Z][_run-N]...`` naming the outputs of this FLAIR
+        (:func:`~ms3seg_app.derivatives.output_prefix`)."""
+        from .derivatives import output_prefix
 
-    @property
-    def subdir(self) -> Path:
-        """``sub-X[/ses-Y]/anat`` relative to the output folder."""
-        p = Path(f"sub-{self.entities['subject']}")
-        if self.entities.get("session") is not None:
-            p = p / f"ses-{self.entities['session']}"
-        return p / "anat"
+        return output_prefix(self.entities)
 
 
 #: Queries a ``--bids-filter-file`` may hold (fMRIPrep's format, restricted to ours).
@@ -260,6 +248,16 @@ def collect_inputs(bids_dir: Path, participant_labels=None, session_labels=None,
         if error is not None:
             LOGGER.warning("%s: %s", Path(f.path).name, error)
         out.append(FlairInput(Path(f.path), ents, anat["T1w"], anat["T2w"], metadata, error))
+    # outputs are named by NAME_ENTITIES: two FLAIRs named alike would overwrite each other
+    by_prefix: dict = {}
+    for fi in out:
+        by_prefix.setdefault(fi.prefix, []).append(fi)
+    for prefix, same in by_prefix.items():
+        if len(same) > 1:
+            names = ", ".join(fi.path.name for fi in same)
+            for fi in same:
+                fi.error = (f"{names} would write the same outputs ({prefix}): they differ only in entities "
+                            f"that do not name outputs; rename them or select one with --bids-filter-file")
     with_flair = {fi.entities["subject"] for fi in out}
     without = sorted(set(subjects) - with_flair)
     return out, without

@@ -176,13 +176,16 @@ def probability_image(prob: np.ndarray, ref: nib.spatialimages.SpatialImage,
 
 # ---------------------------------------------------------------- names
 #: BIDS-Derivatives path of every per-FLAIR image and table (pybids ``build_path`` syntax).
-PATH_PATTERN = ("sub-{subject}[/ses-{session}]/anat/sub-{subject}[_ses-{session}][_acq-{acquisition}]"
-                "[_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_space-{space}][_label-{label}]"
-                "[_desc-{desc}]_{suffix}{extension}")
+PATH_PATTERN = ("sub-{subject}[/ses-{session}]/anat/sub-{subject}[_ses-{session}][_task-{task}][_acq-{acquisition}]"
+                "[_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}][_part-{part}][_space-{space}]"
+                "[_chunk-{chunk}][_label-{label}][_desc-{desc}]_{suffix}{extension}")
 #: The participant report, at the top of the output folder (as fMRIPrep's).
-REPORT_PATTERN = ("sub-{subject}[_ses-{session}][_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}]"
-                  "[_run-{run}].html")
-NAME_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run")
+REPORT_PATTERN = ("sub-{subject}[_ses-{session}][_task-{task}][_acq-{acquisition}][_ce-{ceagent}]"
+                  "[_rec-{reconstruction}][_run-{run}][_echo-{echo}][_part-{part}][_chunk-{chunk}].html")
+#: Entities of an input FLAIR that name its outputs (in BIDS filename order: every entity the
+#: specification allows in an anatomical file name, so two FLAIRs never share outputs).
+NAME_ENTITIES = ("subject", "session", "task", "acquisition", "ceagent", "reconstruction", "run", "echo", "part",
+                 "chunk")
 #: Group-level outputs, at the top of the output folder.
 GROUP_OUTPUTS = {"volumes": "group_desc-trimask_volumes.tsv", "stats": "group_desc-trimask_stats.tsv",
                  "agebands": "group_desc-trimask_agebands.tsv",
@@ -218,9 +221,12 @@ def find_outputs(output_dir: Path, key: str) -> list[Path]:
     A path pattern rather than a pybids index: these are our own outputs with fixed names,
     and indexing a large output folder with pybids costs minutes.
     """
-    # the name's fixed tail (space-orig_..._<suffix><ext>) after any subject and optional entities
-    tail = _build({"subject": "X"}, PATH_PATTERN, **OUTPUT_SPECS[key]).rsplit("/", 1)[-1].removeprefix("sub-X_")
-    return sorted(Path(output_dir).glob(f"sub-*/**/anat/sub-*_{tail}"))
+    spec = OUTPUT_SPECS[key]
+    found = Path(output_dir).glob(f"sub-*/**/anat/sub-*_{spec['suffix']}{spec['extension']}")
+    # kept where the FLAIR's entities read from the name give the same path back (entities such
+    # as chunk sit between space and desc, so no fixed name tail tells the outputs apart)
+    return sorted(f for f in found
+                  if f == Path(output_dir) / _build(flair_entities(f), PATH_PATTERN, **spec))
 
 
 def flair_entities(path: Path | str) -> dict:

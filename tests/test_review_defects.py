@@ -83,3 +83,51 @@ def test_a_rerun_stopped_while_writing_leaves_no_completion_marker(tmp_path, tin
     assert _run([bids, out, "group"]) == 0
     vol = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t", keep_default_na=False)
     assert "incomplete" in vol.loc[vol["participant_id"] == "sub-02", "qc_flags"].iloc[0]
+
+
+def _copies(bids, names):
+    """sub-02's FLAIR copied to ``names`` (the second one flipped left-right), the original removed."""
+    anat = bids / "sub-02" / "anat"
+    src = anat / "sub-02_FLAIR.nii.gz"
+    img = nib.load(src)
+    for i, name in enumerate(names):
+        data = np.asanyarray(img.dataobj)
+        nib.save(nib.Nifti1Image(data[::-1] if i else data, img.affine), anat / name)
+    for f in anat.glob("sub-02_FLAIR.*"):
+        f.unlink()
+
+
+def test_flairs_that_differ_only_in_chunk_get_outputs_of_their_own(tmp_path, tiny_model):
+    """``chunk`` (and task, echo, part) name the outputs, in BIDS order (chunk after space):
+    before, the two FLAIRs wrote one set of outputs, the second overwriting the first."""
+    from ms3seg_app.derivatives import find_outputs
+
+    bids, out = _dataset(tmp_path), tmp_path / "out"
+    _copies(bids, ["sub-02_chunk-1_FLAIR.nii.gz", "sub-02_chunk-2_FLAIR.nii.gz"])
+    assert _run([bids, out, *_args(tiny_model)]) == 0
+    anat = out / "sub-02" / "anat"
+    sides = sorted(anat.glob("*_desc-trimask_dseg.json"))
+    assert [s.name for s in sides] == ["sub-02_space-orig_chunk-1_desc-trimask_dseg.json",
+                                       "sub-02_space-orig_chunk-2_desc-trimask_dseg.json"]
+    assert [json.loads(s.read_text())["Sources"][0].rsplit("/", 1)[-1] for s in sides] == [
+        "sub-02_chunk-1_FLAIR.nii.gz", "sub-02_chunk-2_FLAIR.nii.gz"]
+    assert len(find_outputs(out, "volumes")) == 2
+    assert _run([bids, out, *_args(tiny_model)]) == 0  # both complete: nothing redone
+    assert [s.stat().st_mtime_ns for s in sides] == [s.stat().st_mtime_ns for s in sorted(anat.glob("*_dseg.json"))]
+    assert _run([bids, out, "group"]) == 0
+    vol = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t", keep_default_na=False)
+    assert sorted(vol["flair"]) == ["sub-02_chunk-1_FLAIR.nii.gz", "sub-02_chunk-2_FLAIR.nii.gz"]
+
+
+def test_flairs_that_would_share_outputs_both_fail_with_the_reason(tmp_path):
+    """Entities a FLAIR may not carry in BIDS (here ``inv``, with validation skipped) do not name
+    outputs: two FLAIRs differing only there are both refused, not one silently overwritten."""
+    from ms3seg_app.bids import collect_inputs
+
+    bids = _dataset(tmp_path)
+    _copies(bids, ["sub-02_inv-1_FLAIR.nii.gz", "sub-02_inv-2_FLAIR.nii.gz"])
+    inputs, _ = collect_inputs(bids, ["02"])
+    assert len(inputs) == 2
+    for fi in inputs:
+        assert fi.error and "would write the same outputs (sub-02)" in fi.error
+        assert "sub-02_inv-1_FLAIR.nii.gz" in fi.error and "--bids-filter-file" in fi.error
