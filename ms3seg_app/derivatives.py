@@ -114,7 +114,8 @@ def image_like(data: np.ndarray, ref: nib.spatialimages.SpatialImage, dtype) -> 
     img.set_sform(sf if sc else None, int(sc) if sc else 0)
     if not qc and not sc:  # unreachable for checked inputs; keep geometry rather than lose it
         img.set_sform(ref.affine, 1)
-    img.header.set_zooms(tuple(float(z) for z in ref.header.get_zooms()[:3]))
+    # the voxel sizes of the affine written (an input's pixdim may disagree with its sform)
+    img.header.set_zooms(tuple(float(z) for z in nib.affines.voxel_sizes(img.affine)[:3]))
     img.header.set_slope_inter(np.nan, np.nan)
     img.header["cal_min"] = 0
     img.header["cal_max"] = 0

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from . import __version__
@@ -140,10 +141,8 @@ def qc_warnings(img, card: ModelCard, probs: np.ndarray, dseg: np.ndarray, mask:
     -------
     list of str, one sentence per warning (empty when nothing is unusual)
     """
-    import nibabel as nib
-
     w = []
-    ras_z = [float(z) for z in nib.as_closest_canonical(img).header.get_zooms()[:3]]  # (x, y, z) mm
+    ras_z = [float(z) for z in nib.affines.voxel_sizes(nib.as_closest_canonical(img).affine)[:3]]  # (x, y, z) mm
     tr = card.training_geometry
     thick, inplane = tr.get("slice_thickness_mm"), tr.get("inplane_mm")
     if thick and not thick[0] <= ras_z[2] <= thick[1]:
@@ -297,7 +296,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     mask, method, note = timer.run("brain_extraction", brain_mask, seg_img, options.skull_strip, work_dir)
     if note:
         warnings.append(note)
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    spacing = tuple(float(z) for z in nib.affines.voxel_sizes(img.affine)[:3])  # mm, stored axes
     pred = timer.run("inference", predictor.predict_image, seg_img, restrict_to_brain(mask, spacing), slices=slices)
     del slices
     # the inference stage in its parts (network, resampling back to the FLAIR grid, ...)

@@ -131,3 +131,38 @@ def test_flairs_that_would_share_outputs_both_fail_with_the_reason(tmp_path):
     for fi in inputs:
         assert fi.error and "would write the same outputs (sub-02)" in fi.error
         assert "sub-02_inv-1_FLAIR.nii.gz" in fi.error and "--bids-filter-file" in fi.error
+
+
+def test_voxel_sizes_come_from_the_affine_when_pixdim_disagrees(tmp_path, tiny_model):
+    """A sform-only FLAIR whose pixdim says 1 mm (not read by nibabel, which places voxels by
+    the sform): same tri-mask, volumes and table geometry as the consistent file, a warning
+    that names the disagreement, and outputs whose pixdim is the affine's (before: the
+    distance rule, the in-plane dilation, the table's slice thickness and the coverage warning
+    used pixdim)."""
+    bids, out = _dataset(tmp_path), tmp_path / "out"
+    src = bids / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"
+    img = nib.load(src)
+    odd = nib.Nifti1Image(np.asanyarray(img.dataobj), None, img.header.copy())
+    odd.set_sform(img.affine, 1)
+    odd.set_qform(None, 0)
+    odd.header.set_zooms((1.0, 1.0, 1.0))
+    dst = bids / "sub-03" / "anat" / "sub-03_FLAIR.nii.gz"
+    dst.parent.mkdir(parents=True)
+    nib.save(odd, dst)
+    assert np.allclose(nib.load(dst).affine, img.affine) and nib.load(dst).header.get_zooms() == (1.0, 1.0, 1.0)
+    (bids / "participants.tsv").unlink(missing_ok=True)
+    assert _run([bids, out, *_args(tiny_model)]) == 0
+    res = {}
+    for sub in ("02", "03"):
+        stem = out / f"sub-{sub}" / "anat" / f"sub-{sub}_space-orig_desc-trimask"
+        dseg = nib.load(f"{stem}_dseg.nii.gz")
+        vol = pd.read_csv(f"{stem}_volumes.tsv", sep="\t")
+        side = json.loads(open(f"{stem}_dseg.json").read())
+        res[sub] = (np.asarray(dseg.dataobj), dseg.header.get_zooms(), vol, side["QCWarnings"])
+    np.testing.assert_array_equal(res["02"][0], res["03"][0])
+    np.testing.assert_allclose(res["03"][1], (1.2, 1.2, 6.5), rtol=1e-6)
+    cols = ["slice_thickness_mm", "inplane_mm", "icv_ml", "abnormal_wmh_ml", "normal_wmh_ml"]
+    pd.testing.assert_frame_equal(res["02"][2][cols], res["03"][2][cols])
+    assert res["03"][2]["slice_thickness_mm"].iloc[0] == pytest.approx(6.5)
+    extra = [w for w in res["03"][3] if w not in res["02"][3]]
+    assert len(extra) == 1 and "pixdim" in extra[0] and "affine" in extra[0], res["03"][3]

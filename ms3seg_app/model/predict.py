@@ -522,7 +522,7 @@ class Predictor:
             if unc is not None:
                 np.copyto(unc, OUTSIDE_UNCERTAINTY, where=outside_mask)
         t3 = time.perf_counter()
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        spacing = tuple(float(z) for z in nib.affines.voxel_sizes(img.affine)[:3])  # mm, stored axes
         # outside the brain every voxel has the outside probabilities: the tri-mask (argmax,
         # components, distances) is made inside the brain's box only
         dseg = _filled(shape, np.argmax(outside), np.uint8)

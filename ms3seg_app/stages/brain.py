@@ -130,7 +130,7 @@ def _skull_stripped_evidence(img: nib.Nifti1Image, data: np.ndarray | None = Non
     from .checks import inferior_superior_axis
 
     data = finite(np.asarray(img.dataobj, dtype=np.float32) if data is None else data)
-    zooms = np.asarray(img.header.get_zooms()[:3], float)
+    zooms = nib.affines.voxel_sizes(img.affine)[:3]
     si = inferior_superior_axis(img.affine)
     extent = data.shape[si] * float(zooms[si])
     if extent < STRIPPED_MIN_SI_COVERAGE_MM:

@@ -67,10 +67,16 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
     if min(data.shape) < 2 or max(data.shape) > MAX_DIM:
         raise InputDataError(f"{path}: implausible image shape {data.shape} for a brain FLAIR "
                              f"(each axis 2..{MAX_DIM} voxels).")
-    zooms = np.asarray(img.header.get_zooms()[:3], float)
+    # voxel sizes of the affine, which places every voxel (resampling, volumes, distances); the
+    # header's pixdim may disagree (e.g. sform-only files, where pixdim is not read)
+    zooms = nib.affines.voxel_sizes(img.affine)[:3]
     if not np.all(np.isfinite(zooms)) or zooms.min() < MIN_VOXEL_MM or zooms.max() > MAX_VOXEL_MM:
         raise InputDataError(f"{path}: implausible voxel size {tuple(np.round(zooms, 3))} mm "
-                             f"(expected {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm); fix the header's pixdim.")
+                             f"(expected {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm); fix the header's sform/qform.")
+    pixdim = np.asarray(img.header.get_zooms()[:3], float)
+    if not np.allclose(pixdim, zooms, rtol=1e-3, atol=1e-4):
+        warnings.append(f"the header's voxel size (pixdim {tuple(np.round(pixdim, 3))} mm) disagrees with its "
+                        f"affine's ({tuple(np.round(zooms, 3))} mm); the affine's was used, as for the orientation")
     if isinstance(img, nib.Nifti1Image):
         qcode = int(img.header["qform_code"])
         scode = int(img.header["sform_code"])
