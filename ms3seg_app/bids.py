@@ -8,7 +8,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .derivatives import NAME_ENTITIES
 from .exceptions import InputDataError, UsageError
 
 LOGGER = logging.getLogger("ms3seg.bids")
@@ -226,6 +225,8 @@ def collect_inputs(bids_dir: Path, participant_labels=None, session_labels=None,
     if not found:
         raise InputDataError(f"no FLAIR found in {bids_dir} for the filters {query}; "
                              "FLAIRs must be named sub-<label>[_ses-<label>]_FLAIR.nii[.gz] in anat/")
+    from .derivatives import NAME_ENTITIES  # here, not at the top: --version imports this module, not nibabel
+
     out = []
     sidecars: dict = {}
     sidecar_index = _sidecar_index(layout)
