@@ -108,9 +108,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("inputs and selection")
     g.add_argument("--participant-label", "--participant_label", nargs="+", default=None, metavar="LABEL",
-                   help="participant labels, with or without 'sub-' (default: all)")
+                   help="participant level: participant labels, with or without 'sub-' (default: all)")
     g.add_argument("--session-label", "--session_label", nargs="+", default=None, metavar="LABEL",
-                   help="session labels, with or without 'ses-' (default: all)")
+                   help="participant level: session labels, with or without 'ses-' (default: all)")
     g.add_argument("--bids-filter-file", type=Path, default=None, metavar="FILE",
                    help='JSON of pybids filters per query: {"flair": {...}, "t1w": {...}, "t2w": {...}}')
     g.add_argument("--skip-bids-validation", action="store_true",
@@ -152,7 +152,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="load a model whose sha256 differs from its card or that contains custom code")
 
     g = p.add_argument_group("output and verbosity")
-    g.add_argument("--no-reports", action="store_true", help="skip the HTML reports")
+    g.add_argument("--no-reports", action="store_true",
+                   help="skip the HTML reports (participant level: one per FLAIR; group level: group.html)")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv for debug)")
     g.add_argument("-q", "--quiet", action="count", default=0, help="fewer messages")
     return p
@@ -199,10 +200,10 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and cross-check the command line.
 
-    Checks, before anything is written: participant/session labels; ``bids_dir`` is a
-    readable folder holding ``dataset_description.json``; ``output_dir`` and ``-w`` are
-    (or can be created as) writable folders, with no file in their path, neither inside
-    ``bids_dir``; ``--bids-filter-file`` (read and validated, see
+    Checks, before anything is written: participant/session labels, given at the participant
+    level only; ``bids_dir`` is a readable folder holding ``dataset_description.json``;
+    ``output_dir`` and ``-w`` are (or can be created as) writable folders, with no file in
+    their path, neither inside ``bids_dir``; ``--bids-filter-file`` (read and validated, see
     :func:`ms3seg_app.bids.load_filters`) and ``--model`` are existing files; ``--nprocs``
     is at least 1; ``--members`` are indices of the model card's members (sorted, once each).
 
@@ -237,6 +238,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         _fail(parser, str(exc))
     if opts.nprocs < 1:
         _fail(parser, f"--nprocs must be >= 1 (got {opts.nprocs})")
+    given = [f for f, v in (("--participant-label", opts.participant_label), ("--session-label", opts.session_label))
+             if v]
+    if opts.analysis_level == "group" and given:
+        # the group level tabulates and compares every result in output_dir; a subset would
+        # silently replace the dataset's group tables with a partial one
+        what = "is a participant-level option" if len(given) == 1 else "are participant-level options"
+        _fail(parser, f"{' and '.join(given)} {what}; the group level always reads every result in "
+              f"output_dir: leave {'it' if len(given) == 1 else 'them'} out of the group command")
 
     bids = opts.bids_dir.resolve()
     out = opts.output_dir.resolve()

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -217,7 +218,7 @@ def _group(opts) -> int:
     from ..derivatives import GROUP_OUTPUTS
     from ..group import run_group
 
-    run_group(opts.bids_dir, opts.output_dir)
+    run_group(opts.bids_dir, opts.output_dir, report=not opts.no_reports)
     out = opts.output_dir
     vol = pd.read_csv(out / GROUP_OUTPUTS["volumes"], sep="\t")
     qc_path = out / GROUP_OUTPUTS["qc"]
@@ -230,7 +231,14 @@ def _group(opts) -> int:
                    ", ".join(f"{k} x{v}" for k, v in kinds.value_counts().items()), qc_path)
     else:
         LOGGER.log(IMPORTANT, "group: no QC flags")
-    LOGGER.log(IMPORTANT, "group: tables %s; report %s", out / GROUP_OUTPUTS["volumes"], out / GROUP_OUTPUTS["report"])
+    report = out / GROUP_OUTPUTS["report"]
+    if not opts.no_reports:
+        LOGGER.log(IMPORTANT, "group: tables %s; report %s", out / GROUP_OUTPUTS["volumes"], report)
+        return 0
+    LOGGER.log(IMPORTANT, "group: tables %s; no report (--no-reports)", out / GROUP_OUTPUTS["volumes"])
+    if report.exists():
+        LOGGER.warning("group: %s is from an earlier group run and does not match these tables; "
+                       "delete it, or run the group level without --no-reports", report)
     return 0
 
 
@@ -315,17 +323,7 @@ def _participant(opts, run_uuid: str, console) -> int:
         work.mkdir(parents=True, exist_ok=True)
         try:
             if nprocs > 1:
-                import concurrent.futures as cf
-                import multiprocessing as mp
-
-                # spawn, not fork: TensorFlow is not fork-safe; each worker loads the model once and
-                # runs `threads` threads, so the workers share the cores instead of each taking all
-                with cf.ProcessPoolExecutor(max_workers=nprocs, mp_context=mp.get_context("spawn"),
-                                            initializer=_init_worker,
-                                            initargs=(threads, opts.device, opts.verbose, opts.quiet)) as pool:
-                    futs = [pool.submit(_process_one, fi, job, sha) for fi, sha in todo]
-                    for fut in cf.as_completed(futs):
-                        _record(*fut.result(), done, failed, opts.output_dir, run_uuid)
+                _run_pool(todo, job, nprocs, threads, opts, done, failed, run_uuid)
             else:
                 from tqdm import tqdm
 
@@ -344,6 +342,169 @@ def _participant(opts, run_uuid: str, console) -> int:
         LOGGER.log(IMPORTANT, "outputs: %s (reports: %s); next: ms3seg %s %s group", opts.output_dir,
                    opts.output_dir / "sub-*.html", opts.bids_dir, opts.output_dir)
     return 1 if failed else 0
+
+
+def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list, failed: list,
+              run_uuid: str) -> None:
+    """Process ``todo`` in ``nprocs`` worker processes; a worker that dies fails its FLAIR, not the run.
+
+    When a worker process dies (the out-of-memory killer's SIGKILL, a crash in native code),
+    :mod:`concurrent.futures` marks the whole pool broken and every FLAIR not yet finished
+    fails with ``BrokenProcessPool``. The FLAIR the dead worker was on is reported failed
+    (one line and a crash log, as any failed FLAIR: :func:`_report_failure`); a fresh pool
+    then processes the FLAIRs that had not finished (:func:`_sort_out_broken_pool` says which
+    is which).
+
+    Parameters
+    ----------
+    todo : list of (FlairInput, str)
+        The FLAIRs to process, with their sha256.
+    job : dict
+        What :func:`_process_one` needs; ``inflight_dir`` is added here.
+    nprocs : int
+        Worker processes (at least 2).
+    threads : int
+        Threads per worker.
+    opts : argparse.Namespace
+        The command line (device, verbosity, ``output_dir``).
+    done, failed : list
+        Appended to: the prefixes that succeeded; (prefix, message) of those that failed.
+    run_uuid : str
+        Names the crash logs.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from concurrent.futures.process import BrokenProcessPool
+
+    from ..derivatives import output_prefix
+
+    # each worker leaves <prefix>.pid here while it processes a FLAIR: after a break it tells
+    # the FLAIRs that were running (and on which worker) from those that never started
+    inflight = job["inflight_dir"] = Path(job["work_dir"]) / f"inflight-{run_uuid}"
+    inflight.mkdir(parents=True, exist_ok=True)
+    breaks: dict[str, int] = {}
+    remaining = list(todo)
+    try:
+        while remaining:
+            pending, procs = {}, None
+            progress_before = len(done) + len(failed) + sum(breaks.values())
+            # spawn, not fork: TensorFlow is not fork-safe; each worker loads the model once and
+            # runs `threads` threads, so the workers share the cores instead of each taking all
+            with cf.ProcessPoolExecutor(max_workers=min(nprocs, len(remaining)), mp_context=mp.get_context("spawn"),
+                                        initializer=_init_worker,
+                                        initargs=(threads, opts.device, opts.verbose, opts.quiet)) as pool:
+                # private, read only for the dead worker's exit status; without it (another Python)
+                # no FLAIR can be blamed for sure and each running one is retried once instead
+                procs = getattr(pool, "_processes", None)
+                pending = {pool.submit(_process_one, fi, job, sha): (fi, sha) for fi, sha in remaining}
+                try:
+                    for fut in cf.as_completed(list(pending)):
+                        outcome = fut.result()
+                        del pending[fut]
+                        _record(*outcome, done, failed, opts.output_dir, run_uuid)
+                except BrokenProcessPool:
+                    pass  # leaving the block joins the workers, so their exit codes are known below
+            if not pending:
+                return
+            codes = {pid: p.exitcode for pid, p in dict(procs or {}).items()}
+            # the pool stops the other workers with SIGTERM once one has died
+            dead = ", ".join(_exit_status(c) for c in sorted({c for c in codes.values()
+                                                                if c not in (None, 0, -signal.SIGTERM)}))
+            finished, died, retry = _sort_out_broken_pool(pending, inflight, codes, breaks)
+            for outcome in finished:
+                _record(*outcome, done, failed, opts.output_dir, run_uuid)
+            remaining = retry
+            if remaining and len(done) + len(failed) + len(died) + sum(breaks.values()) == progress_before:
+                # nothing finished and no FLAIR was running when the pool broke (e.g. a worker died
+                # importing TensorFlow): a fresh pool would break the same way, again and again
+                how = f"before this FLAIR started ({dead or 'exit status unknown'})"
+                died += [(output_prefix(fi.entities), fi, how) for fi, _ in remaining]
+                remaining = []
+            for prefix, fi, how in died:
+                err = (f"worker process died {how}; likely out of memory: ask for more memory per task "
+                       f"or use fewer --nprocs (this run: {nprocs})")
+                _report_failure(prefix, err, _died_log(fi, how), failed, opts.output_dir, run_uuid)
+            if remaining:
+                LOGGER.log(IMPORTANT, "a worker process died (%s): processing the %d unfinished FLAIR(s) in a "
+                           "fresh pool of worker processes", dead or "exit status unknown", len(remaining))
+    finally:
+        shutil.rmtree(inflight, ignore_errors=True)
+
+
+def _sort_out_broken_pool(pending: dict, inflight: Path, exit_codes: dict, breaks: dict) -> tuple[list, list, list]:
+    """Sort the FLAIRs of a broken process pool into finished, died with their worker, and to retry.
+
+    Parameters
+    ----------
+    pending : dict
+        Future -> (FlairInput, sha256) of every FLAIR whose outcome was not yet recorded.
+    inflight : Path
+        Folder of the ``<prefix>.pid`` markers :func:`_process_one` leaves while it runs.
+        The markers read are removed.
+    exit_codes : dict
+        Worker pid -> exit code (``multiprocessing.Process.exitcode``; negative: the signal);
+        may be empty when unknown.
+    breaks : dict
+        prefix -> times the FLAIR was running when a pool broke without it being blamed;
+        updated here.
+
+    Returns
+    -------
+    finished : list of tuple
+        :func:`_process_one` outcomes that arrived before the break.
+    died : list of (prefix, FlairInput, str)
+        FLAIRs to report failed, with how their worker ended (``"(exit code 137)"``...).
+    retry : list of (FlairInput, sha256)
+        FLAIRs to process in a fresh pool.
+    """
+    from ..derivatives import output_prefix
+
+    finished, died, retry = [], [], []
+    for fut, (fi, sha) in pending.items():
+        if fut.done() and fut.exception() is None:
+            finished.append(fut.result())
+            continue
+        prefix = output_prefix(fi.entities)
+        marker = Path(inflight) / f"{prefix}.pid"
+        try:
+            pid_text = marker.read_text().strip()
+        except OSError:  # never started, or finished with its result lost in the break: the
+            retry.append((fi, sha))  # fresh pool skips it then (outputs complete)
+            continue
+        marker.unlink(missing_ok=True)
+        code = exit_codes.get(int(pid_text)) if pid_text.isdigit() else None
+        if code is not None and code != -signal.SIGTERM:  # its own worker died: the pool stopped the others
+            died.append((prefix, fi, f"while processing this FLAIR ({_exit_status(code)})"))
+            continue
+        # stopped by the pool because another worker died, or its worker's end is unknown: it
+        # is retried once; running at a second break, it is reported failed, never dropped
+        breaks[prefix] = breaks.get(prefix, 0) + 1
+        if breaks[prefix] >= 2:
+            died.append((prefix, fi, "twice while this FLAIR was being processed (exit status unknown)"))
+        else:
+            retry.append((fi, sha))
+    return finished, died, retry
+
+
+def _exit_status(code: int | None) -> str:
+    """``exit code 137``, ``killed by signal SIGKILL``, or ``exit status unknown``."""
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _died_log(fi, how: str) -> str:
+    """The crash-log text of a FLAIR whose worker process died (there is no Python traceback)."""
+    return (f"BrokenProcessPool: the worker process died {how}.\nFLAIR: {fi.path}\n"
+            "No Python traceback exists: the process was ended from outside (the kernel's out-of-memory "
+            "killer sends SIGKILL; a shell reports it as exit code 137) or by a crash in native code. "
+            "Check the job's peak memory (Slurm: sacct -j <job> -o JobID,MaxRSS,ReqMem) or the kernel "
+            "log (dmesg | grep -i oom), then give each task more memory or use fewer --nprocs.\n")
 
 
 _WORKER: dict = {}
@@ -391,7 +552,10 @@ def _process_one(fi, job: dict, source_sha: str | None = None):
     from ..derivatives import output_prefix
 
     prefix = output_prefix(fi.entities)
+    marker = Path(job["inflight_dir"]) / f"{prefix}.pid" if job.get("inflight_dir") else None
     try:
+        if marker is not None:  # left behind if this process dies: see _run_pool
+            marker.write_text(str(os.getpid()))
         from ..participant import process_flair
 
         res = process_flair(fi, _predictor(job), job["output_dir"], job["options"], job["work_dir"], job["bids_dir"],
@@ -399,6 +563,9 @@ def _process_one(fi, job: dict, source_sha: str | None = None):
         return prefix, res, None, None
     except Exception as exc:  # one FLAIR's failure never loses the others
         return prefix, None, _error_line(exc), traceback.format_exc()
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
 
 
 def _error_line(exc: BaseException) -> str:
