@@ -53,6 +53,25 @@ class FlairInput:
         return output_prefix(self.entities)
 
 
+def label_sort_key(values):
+    """Sort key that orders BIDS labels with numbers by their value: ``ses-2`` before ``ses-10``,
+    ``m6`` before ``m12`` (text order puts ``10`` before ``2``).
+
+    Parameters
+    ----------
+    values : pandas.Series of str
+        Labels (e.g. ``session_id`` values), for ``DataFrame.sort_values(..., key=label_sort_key)``.
+
+    Returns
+    -------
+    pandas.Series of str
+        The labels with every run of digits zero-padded to 20 places, so that text order is
+        the numeric one (written here rather than taking ``natsort``, not a dependency, for one
+        regular expression).
+    """
+    return values.astype(str).str.replace(r"\d+", lambda m: m.group().zfill(20), regex=True)
+
+
 #: Queries a ``--bids-filter-file`` may hold (fMRIPrep's format, restricted to ours).
 FILTER_QUERIES = ("flair", "t1w", "t2w")
 

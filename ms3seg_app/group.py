@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .bids import label_sort_key
 from .derivatives import atomic_write_text
 from .exceptions import InputDataError
 
@@ -194,7 +195,7 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
     df = pd.concat(frames, ignore_index=True)
     for col in ("session_id", "acq", "run"):  # BIDS writes missing entities as n/a
         df[col] = df[col].fillna("n/a")
-    return df.sort_values(KEYS).reset_index(drop=True)
+    return df.sort_values(KEYS, key=label_sort_key).reset_index(drop=True)
 
 
 def robust_z(x: pd.Series) -> pd.Series:
@@ -307,7 +308,7 @@ def age_band(age) -> str:
 
 def baseline(df: pd.DataFrame) -> pd.DataFrame:
     """One row per participant (first session, acq, run): the unit of the cross-sectional tests."""
-    return df.sort_values(KEYS).groupby("participant_id", as_index=False).first()
+    return df.sort_values(KEYS, key=label_sort_key).groupby("participant_id", as_index=False).first()
 
 
 def mann_whitney(a, b) -> dict:

@@ -118,9 +118,13 @@ def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path, cla
         lesion, why = None, f"no lesion label ({exc})"
 
     rows = []
-    ses = df[df["session_id"] != "n/a"].sort_values(["participant_id", "session_id", "acq", "run"])
+    from .bids import label_sort_key
+
+    # sessions in the order of their labels' numbers (ses-2 before ses-10)
+    ses = df[df["session_id"] != "n/a"].sort_values(["participant_id", "session_id", "acq", "run"],
+                                                    key=label_sort_key)
     for sub, g in ses.groupby("participant_id"):
-        g = g.groupby("session_id", as_index=False).first().sort_values("session_id")
+        g = g.groupby("session_id", as_index=False, sort=False).first()
         for (_, a), (_, b) in zip(g.iloc[:-1].iterrows(), g.iloc[1:].iterrows()):
             row = {"participant_id": sub, "session_from": a["session_id"], "session_to": b["session_id"]}
             for v in VOLUMES:

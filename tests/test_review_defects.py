@@ -166,3 +166,19 @@ def test_voxel_sizes_come_from_the_affine_when_pixdim_disagrees(tmp_path, tiny_m
     assert res["03"][2]["slice_thickness_mm"].iloc[0] == pytest.approx(6.5)
     extra = [w for w in res["03"][3] if w not in res["02"][3]]
     assert len(extra) == 1 and "pixdim" in extra[0] and "affine" in extra[0], res["03"][3]
+
+
+def test_sessions_are_compared_and_ordered_by_their_numbers(tmp_path):
+    """ses-1 -> ses-2 -> ses-10 (text order gave ses-1 -> ses-10 -> ses-2, +9 then -8 mL); the
+    baseline and the group table use the same order."""
+    from ms3seg_app.group import baseline
+    from ms3seg_app.longitudinal import longitudinal_changes
+
+    rows = [dict(participant_id="sub-01", session_id=s, acq="n/a", run="n/a", prefix=f"sub-01_{s}",
+                 flair_source="", abnormal_wmh_ml=v, normal_wmh_ml=0.0, ventricles_ml=0.0)
+            for s, v in (("ses-10", 10.0), ("ses-2", 2.0), ("ses-1", 1.0), ("ses-m12", 12.0), ("ses-m6", 6.0))]
+    out = longitudinal_changes(pd.DataFrame(rows), tmp_path, tmp_path)
+    assert list(zip(out["session_from"], out["session_to"])) == [
+        ("ses-1", "ses-2"), ("ses-2", "ses-10"), ("ses-10", "ses-m6"), ("ses-m6", "ses-m12")]
+    assert list(out["delta_abnormal_wmh_ml"]) == [1.0, 8.0, -4.0, 6.0]
+    assert baseline(pd.DataFrame(rows))["session_id"].tolist() == ["ses-1"]

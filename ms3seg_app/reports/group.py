@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..bids import label_sort_key
 from ..derivatives import atomic_write_text
 from . import CSP_SCRIPT_PLACEHOLDER, class_colors, env, finalize_csp, format_value, png_base64
 
@@ -177,7 +178,7 @@ def figures(df: pd.DataFrame, long: pd.DataFrame, classes=None) -> list[dict]:
         for ax, (col, name) in zip(axes, [("abnormal_wmh_ml", "Abnormal WMH"), ("normal_wmh_ml", "Normal WMH"),
                                           ("ventricles_ml", "Ventricles")]):
             for sub, g in multi.groupby("participant_id"):
-                g = g.sort_values("session_id")
+                g = g.sort_values("session_id", key=label_sort_key)
                 ax.plot(g["session_id"], g[col], marker="o", label=sub)
             ax.set_title(name)
             ax.set_ylabel("mL")
