@@ -345,9 +345,10 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
                                                  "Description": f"{mod} rigidly co-registered to the FLAIR",
                                                  "RegistrationMethod": coreg_methods[mod]})
     atomic_write_text(paths["lesions"], lesions.to_csv(sep="\t", index=False, float_format="%.4f", na_rep="n/a"))
+    run = fi.entities.get("run")  # pybids' padded index: written as named (01), not as a number
     vrow = {"participant_id": f"sub-{fi.entities['subject']}", "session_id":
             f"ses-{fi.entities['session']}" if fi.entities.get("session") else "n/a",
-            "acq": fi.entities.get("acquisition") or "n/a", "run": fi.entities.get("run") or "n/a",
+            "acq": fi.entities.get("acquisition") or "n/a", "run": str(run) if run is not None else "n/a",
             "flair": fi.path.name, **volumes, "qc_warnings": len(warnings),
             "slice_thickness_mm": float(sorted(spacing)[-1]), "inplane_mm": float(min(spacing))}
     atomic_write_text(paths["volumes"], pd.DataFrame([vrow]).to_csv(sep="\t", index=False, float_format="%.6g",

@@ -182,3 +182,22 @@ def test_sessions_are_compared_and_ordered_by_their_numbers(tmp_path):
         ("ses-1", "ses-2"), ("ses-2", "ses-10"), ("ses-10", "ses-m6"), ("ses-m6", "ses-m12")]
     assert list(out["delta_abnormal_wmh_ml"]) == [1.0, 8.0, -4.0, 6.0]
     assert baseline(pd.DataFrame(rows))["session_id"].tolist() == ["ses-1"]
+
+
+def test_run_label_is_written_as_named_and_session_selection_is_named_in_the_message(tmp_path, tiny_model):
+    """``run-01`` is ``01`` in the tables (it was written as 1); a participant whose FLAIRs the
+    session label leaves out is reported as such, not as having no FLAIR."""
+    bids, out = _dataset(tmp_path, ("01", "02")), tmp_path / "out"
+    _copies(bids, ["sub-02_run-01_FLAIR.nii.gz"])
+    assert _run([bids, out, *_args(tiny_model, "--participant-label", "02")]) == 0
+    vol = out / "sub-02" / "anat" / "sub-02_run-01_space-orig_desc-trimask_volumes.tsv"
+    assert pd.read_csv(vol, sep="\t", dtype=str)["run"].tolist() == ["01"]
+    assert _run([bids, out, "group"]) == 0
+    group = pd.read_csv(out / "group_desc-trimask_volumes.tsv", sep="\t", dtype=str)
+    assert group["run"].tolist() == ["01"]
+
+    out2 = tmp_path / "out2"
+    assert _run([bids, out2, *_args(tiny_model, "--participant-label", "01", "02", "--session-label", "01")]) == 1
+    log = "".join(p.read_text() for p in (out2 / "logs").glob("ms3seg_participant_*.log"))
+    line = next(ln for ln in log.splitlines() if "sub-02:" in ln and "participant skipped" in ln)
+    assert "no FLAIR matches the session label 01" in line and "no FLAIR found" not in line

@@ -261,8 +261,13 @@ def _participant(opts, run_uuid: str, console) -> int:
     if os.environ.get("MS3SEG_CONTAINER"):
         container = {"Type": os.environ.get("MS3SEG_CONTAINER"), "Tag": f"ms3seg:{__version__}"}
     failed, done = [], []
+    # what narrowed the search: a participant may have FLAIRs, none of them selected
+    narrowed = ([f"session label {' '.join(opts.session_label)}"] if opts.session_label else []) + (
+        [f"the filters of {opts.bids_filter_file}"] if opts.bids_filter_file else [])
     for sub in without_flair:
-        msg = f"no FLAIR found (sub-{sub}/[ses-*/]anat/*_FLAIR.nii[.gz]); participant skipped"
+        where = f"sub-{sub}/[ses-*/]anat/*_FLAIR.nii[.gz]"
+        msg = (f"no FLAIR matches the {' and '.join(narrowed)} ({where}); participant skipped" if narrowed
+               else f"no FLAIR found ({where}); participant skipped")
         LOGGER.warning("sub-%s: %s", sub, msg)
         if opts.participant_label:  # explicitly selected: it did not succeed
             failed.append((f"sub-{sub}", msg))
