@@ -278,6 +278,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     import pandas as pd
 
     from .lesions import lesion_table, volume_table
+    from .preprocessing.geometry import inferior_superior_axis
     from .stages import brain_mask, coregister_to_flair, load_flair, n4_correct, restrict_to_brain
 
     card = predictor.card
@@ -297,7 +298,9 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     if note:
         warnings.append(note)
     spacing = tuple(float(z) for z in nib.affines.voxel_sizes(img.affine)[:3])  # mm, stored axes
-    pred = timer.run("inference", predictor.predict_image, seg_img, restrict_to_brain(mask, spacing), slices=slices)
+    keep = restrict_to_brain(mask, spacing, inferior_superior_axis(img.affine))
+    pred = timer.run("inference", predictor.predict_image, seg_img, keep, slices=slices)
+    del keep
     del slices
     # the inference stage in its parts (network, resampling back to the FLAIR grid, ...)
     timer.timings.update({f"inference.{k}": v for k, v in pred.timings.items()})

@@ -201,3 +201,30 @@ def test_run_label_is_written_as_named_and_session_selection_is_named_in_the_mes
     log = "".join(p.read_text() for p in (out2 / "logs").glob("ms3seg_participant_*.log"))
     line = next(ln for ln in log.splitlines() if "sub-02:" in ln and "participant skipped" in ln)
     assert "no FLAIR matches the session label 01" in line and "no FLAIR found" not in line
+
+
+def test_results_do_not_depend_on_the_storage_order(tmp_path, tiny_model):
+    """The same FLAIR stored with its slice axis first (affine adjusted: the same voxels in the
+    world): brain mask, tri-mask and probabilities are those of the axial file, voxel for voxel
+    (before: hole filling, the in-plane dilation and the head mask for normalisation worked on
+    stored axis 2 whatever it was, so they changed)."""
+    bids, out = _dataset(tmp_path), tmp_path / "out"
+    src = bids / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"
+    img = nib.load(src)
+    data = np.asanyarray(img.dataobj)
+    perm = (2, 0, 1)  # stored axis a of the new file is axis perm[a] of the axial one
+    swap = np.eye(4)
+    swap[:3, :3] = np.eye(3)[:, perm]
+    dst = bids / "sub-03" / "anat" / "sub-03_FLAIR.nii.gz"
+    dst.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.transpose(data, perm), img.affine @ swap), dst)
+    (bids / "participants.tsv").unlink(missing_ok=True)
+    assert _run([bids, out, *_args(tiny_model)]) == 0
+    back = tuple(np.argsort(perm))
+    for suffix in ("desc-brain_mask.nii.gz", "desc-trimask_dseg.nii.gz", "label-AWMH_probseg.nii.gz",
+                   "label-NWMH_probseg.nii.gz", "label-VEN_probseg.nii.gz"):
+        a = nib.load(out / "sub-02" / "anat" / f"sub-02_space-orig_{suffix}")
+        b = nib.load(out / "sub-03" / "anat" / f"sub-03_space-orig_{suffix}")
+        np.testing.assert_allclose(b.affine, a.affine @ swap, atol=1e-6)
+        np.testing.assert_array_equal(np.transpose(np.asanyarray(b.dataobj), back), np.asanyarray(a.dataobj),
+                                      err_msg=suffix)

@@ -81,13 +81,43 @@ def head_threshold(data: np.ndarray) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def head_mask(data: np.ndarray) -> np.ndarray:
+def inferior_superior_axis(affine: np.ndarray) -> int:
+    """The voxel axis (0, 1 or 2) closest to inferior-superior in scanner RAS+ (nibabel's
+    ``io_orientation``): the axis across axial slices, whatever the storage order."""
+    ornt = nib.orientations.io_orientation(np.asarray(affine))
+    return int(np.nonzero(ornt[:, 0] == 2)[0][0])
+
+
+def fill_holes_per_slice(mask: np.ndarray, axis: int = 2) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` of each 2D slice across ``axis``, in place.
+
+    Parameters
+    ----------
+    mask : ndarray (I, J, K) bool
+    axis : int
+        The axis the slices are taken across: :func:`inferior_superior_axis` of the image's
+        affine for axial slices, so that the result does not depend on the storage order.
+
+    Returns
+    -------
+    ndarray (I, J, K) bool, ``mask`` itself
+    """
+    for k in range(mask.shape[axis]):
+        sl = (slice(None),) * axis + (k,)
+        mask[sl] = ndimage.binary_fill_holes(mask[sl])
+    return mask
+
+
+def head_mask(data: np.ndarray, axis: int = 2) -> np.ndarray:
     """Foreground (head) mask: Otsu threshold, largest component, holes filled per slice.
 
     Parameters
     ----------
     data : ndarray (X, Y, Z)
         Image intensities.
+    axis : int
+        Holes are filled in the slices across this axis (:func:`fill_holes_per_slice`; 2 for
+        arrays already in axial RAS+ order).
 
     Returns
     -------
@@ -104,9 +134,7 @@ def head_mask(data: np.ndarray) -> np.ndarray:
         sizes[0] = 0
         mask = labels == int(np.argmax(sizes))
     del labels
-    for k in range(mask.shape[2]):
-        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
-    return mask
+    return fill_holes_per_slice(mask, axis)
 
 
 @dataclass(frozen=True)
@@ -182,7 +210,7 @@ class SliceGeometry:
         ras_zooms = tuple(float(z) for z in np.sqrt((ras_aff[:3, :3] ** 2).sum(axis=0)))
         if centre_on is None:
             data = np.asarray(img.dataobj, dtype=np.float32)
-            centre_on = head_mask(np.nan_to_num(data))
+            centre_on = head_mask(np.nan_to_num(data), axis=int(np.nonzero(ornt[:, 0] == 2)[0][0]))
         mask_ras = nib.orientations.apply_orientation(np.asarray(centre_on), ornt)
         if mask_ras.any():
             ii, jj = np.nonzero(mask_ras.any(axis=2))

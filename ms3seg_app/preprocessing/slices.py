@@ -4,7 +4,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
-from .geometry import SliceGeometry, head_mask
+from .geometry import SliceGeometry, head_mask, inferior_superior_axis
 from .normalize import normalize
 
 
@@ -26,7 +26,7 @@ def to_model_slices(img: nib.spatialimages.SpatialImage, pre: dict) -> tuple[Sli
         (``geometry.inverse`` maps per-slice outputs back onto ``img``'s voxel grid).
     """
     data = np.asarray(img.dataobj, dtype=np.float32)
-    head = head_mask(data)
+    head = head_mask(data, axis=inferior_superior_axis(img.affine))  # axial slices, whatever the storage order
     geom = SliceGeometry.from_image(img, pre["pixel_size_mm"], pre["slice_size"], centre_on=head)
     norm = dict(pre["normalization"])
     if norm.get("method", "head_percentile") != "minmax":

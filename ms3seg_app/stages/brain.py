@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..exceptions import InputDataError
+from ..preprocessing.geometry import fill_holes_per_slice, inferior_superior_axis
 
 LOGGER = logging.getLogger("ms3seg.stages")
 
@@ -73,9 +74,7 @@ def brain_mask(img: nib.Nifti1Image, method: str = "auto",
     if method != "deepbet":
         stage = None  # deepbet's first stage (a float32 copy of the volume) is only for deepbet
     if method == "none":
-        mask = data > 0
-        for k in range(mask.shape[2]):
-            mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+        mask = fill_holes_per_slice(data > 0, inferior_superior_axis(img.affine))
     elif method == "fsl":
         if not fsl_available():
             raise InputDataError("--skull-strip fsl asked for FSL, but bet/flirt or FSLDIR are missing; "
@@ -127,8 +126,6 @@ def _skull_stripped_evidence(img: nib.Nifti1Image, data: np.ndarray | None = Non
     """:func:`looks_skull_stripped`, and deepbet's first stage when test 3 ran it (else None),
     so that brain extraction does not run the bounding-box network a second time."""
     from ..brain_extraction import box_stage, brain_fraction, finite
-    from .checks import inferior_superior_axis
-
     data = finite(np.asarray(img.dataobj, dtype=np.float32) if data is None else data)
     zooms = nib.affines.voxel_sizes(img.affine)[:3]
     si = inferior_superior_axis(img.affine)
@@ -157,10 +154,8 @@ def _bet_deepbet(img: nib.Nifti1Image, stage=None) -> np.ndarray:
     mask = deepbet_mask(img, stage=stage)
     if mask.shape != img.shape:
         raise InputDataError(f"deepbet returned a mask of shape {mask.shape} for an image of {img.shape}")
-    # deepbet resamples to 256^3 and back by nearest neighbour; fill slice holes left by it
-    for k in range(mask.shape[2]):
-        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
-    return mask
+    # deepbet resamples to 256^3 and back by nearest neighbour; fill the axial slices' holes left by it
+    return fill_holes_per_slice(mask, inferior_superior_axis(img.affine))
 
 
 def _bet_fsl(img: nib.Nifti1Image, work_dir: Path | None) -> np.ndarray:
@@ -174,19 +169,25 @@ def _bet_fsl(img: nib.Nifti1Image, work_dir: Path | None) -> np.ndarray:
         return np.asanyarray(nib.load(res.outputs.mask_file).dataobj) > 0
 
 
-def restrict_to_brain(mask: np.ndarray, spacing) -> np.ndarray:
-    """Brain mask dilated by ~2 mm in-plane: the region where findings are kept.
+def restrict_to_brain(mask: np.ndarray, spacing, axis: int = 2) -> np.ndarray:
+    """Brain mask dilated by ~2 mm within each axial slice: the region where findings are kept.
 
     Parameters
     ----------
-    mask : ndarray (I, J, K) bool, stored order (axis K the slice axis of 2D FLAIR)
-    spacing : 3 floats, voxel size in mm
+    mask : ndarray (I, J, K) bool, stored order
+    spacing : 3 floats, voxel size in mm along I, J, K
+    axis : int
+        The stored axis across axial slices (:func:`~ms3seg_app.preprocessing.geometry.inferior_superior_axis`
+        of the image's affine): the dilation stays within the plane of the other two, so the
+        result does not depend on the storage order.
 
     Returns
     -------
     ndarray (I, J, K) bool
     """
-    iters = max(1, int(round(2.0 / max(min(spacing[:2]), 0.1))))
-    st = np.zeros((3, 3, 1), bool)
-    st[:, :, 0] = True
+    inplane = [float(spacing[a]) for a in range(3) if a != axis]
+    iters = max(1, int(round(2.0 / max(min(inplane), 0.1))))
+    st = np.ones((3, 3, 3), bool)
+    st[(slice(None),) * axis + (0,)] = False
+    st[(slice(None),) * axis + (2,)] = False
     return ndimage.binary_dilation(mask, st, iterations=iters)

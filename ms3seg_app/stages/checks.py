@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from ..exceptions import InputDataError
+from ..preprocessing.geometry import inferior_superior_axis  # noqa: F401  (named from here too)
 
 LOGGER = logging.getLogger("ms3seg.stages")
 
@@ -20,13 +21,6 @@ MIN_VOXEL_MM, MAX_VOXEL_MM = 0.1, 12.0
 MAX_DIM = 1024
 #: Inferior-superior extent (mm) below which the report warns that the scan cannot hold a brain.
 MIN_SI_COVERAGE_MM = 60.0
-
-
-def inferior_superior_axis(affine: np.ndarray) -> int:
-    """The voxel axis (0, 1 or 2) closest to inferior-superior in scanner RAS+ (nibabel's
-    ``io_orientation``)."""
-    ornt = nib.orientations.io_orientation(np.asarray(affine))
-    return int(np.nonzero(ornt[:, 0] == 2)[0][0])
 
 
 def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
