@@ -82,11 +82,22 @@ def run_key(card: ModelCard, options: RunOptions) -> str:
 
 def expected_outputs(fi: FlairInput, output_dir: Path, card: ModelCard, reports: bool = True) -> dict[str, Path]:
     """Every file the participant level writes for ``fi`` with this model (names from :mod:`derivatives`)."""
-    mods = [m for m in ("T1w", "T2w") if getattr(fi, m.lower()) is not None]
+    mods = [m for m in COREGISTERED if getattr(fi, m.lower()) is not None]
     paths = flair_outputs(fi.entities, output_dir, [c.abbreviation for c in card.foreground], mods)
     if not reports:
         paths.pop("report")
     return paths
+
+
+#: Modalities co-registered to the FLAIR when the session has them.
+COREGISTERED = ("T1w", "T2w")
+
+
+def anatomical_sha256(fi: FlairInput) -> dict[str, str]:
+    """sha256 of the T1w/T2w co-registered with ``fi`` (modality -> hex digest; only those
+    present): recorded in the dseg sidecar, so that a re-converted, added or removed
+    anatomical makes the FLAIR's results incomplete."""
+    return {m: sha256_file(getattr(fi, m.lower())) for m in COREGISTERED if getattr(fi, m.lower()) is not None}
 
 
 def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunOptions,
@@ -110,7 +121,9 @@ def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunO
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     return (side.get("SourceSHA256") == (source_sha or sha256_file(fi.path))
-            and side.get("RunKey") == run_key(card, options))
+            and side.get("RunKey") == run_key(card, options)
+            # sidecars written before this key: complete only where no anatomical is co-registered
+            and side.get("CoregisteredSHA256", {}) == anatomical_sha256(fi))
 
 
 def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
@@ -268,6 +281,10 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, options: RunOptio
         # fails or is killed part-way leaves the FLAIR incomplete (the group level flags it),
         # never this run's first tables beside the previous run's sidecar
         paths["dseg_json"].unlink(missing_ok=True)
+        # co-registered images of a T1w/T2w no longer there (removed, or filtered out) go too
+        every = flair_outputs(fi.entities, output_dir, modalities=COREGISTERED)
+        for key in (k for m in COREGISTERED for k in (m, f"{m}_json") if k not in paths):
+            every[key].unlink(missing_ok=True)
         return _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, paths, prefix, timer,
                                source_sha, t0)
 
@@ -310,7 +327,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
                         ventricle_class=card.class_index("VEN"), value_box=pred.box)
     volumes = volume_table(pred.dseg, img.affine, lesions, mask, card)
     coreg, coreg_methods = {}, {}
-    for mod in ("T1w", "T2w"):
+    for mod in COREGISTERED:
         src = getattr(fi, mod.lower())
         if src is not None:
             coreg[mod], coreg_methods[mod] = timer.run(f"coregistration_{mod}", coregister_to_flair, src, img,
@@ -373,6 +390,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     outputs = sorted(str(p.relative_to(output_dir)) for k, p in paths.items())
     atomic_write_json(paths["dseg_json"], {
         "Sources": [raw], **space, "SourceSHA256": source_sha, "RunKey": run_key(card, options),
+        "CoregisteredSHA256": anatomical_sha256(fi),
         "Manual": False, "Atlas": "MS3SEG tri-mask", "Description": "MS3SEG tri-mask by ms3seg-app",
         "Labels": {str(c.index): c.name for c in card.classes},
         "LesionDefinition": _lesion_definition(), "QCWarnings": result.warnings,

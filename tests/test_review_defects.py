@@ -228,3 +228,34 @@ def test_results_do_not_depend_on_the_storage_order(tmp_path, tiny_model):
         np.testing.assert_allclose(b.affine, a.affine @ swap, atol=1e-6)
         np.testing.assert_array_equal(np.transpose(np.asanyarray(b.dataobj), back), np.asanyarray(a.dataobj),
                                       err_msg=suffix)
+
+
+def test_a_changed_or_removed_t1w_makes_the_results_incomplete(tmp_path, tiny_model):
+    """The T1w co-registered with a FLAIR is part of its results: re-converted, it is redone
+    (before: the old co-registered T1w was kept); removed, its co-registered image goes and
+    the FLAIR is redone without it."""
+    bids, out = _dataset(tmp_path, ("01",)), tmp_path / "out"
+    args = _args(tiny_model, "--session-label", "01")
+    assert _run([bids, out, *args]) == 0
+    anat = out / "sub-01" / "ses-01" / "anat"
+    side = anat / "sub-01_ses-01_space-orig_desc-trimask_dseg.json"
+    t1_out = next(anat.glob("*_T1w.nii.gz"))
+    meta = json.loads(side.read_text())
+    assert set(meta["CoregisteredSHA256"]) == {"T1w"} and str(t1_out.relative_to(out)) in meta["Outputs"]
+    assert _run([bids, out, *args]) == 0
+    assert json.loads(side.read_text()) == meta  # unchanged inputs: nothing redone
+
+    t1 = bids / "sub-01" / "ses-01" / "anat" / "sub-01_ses-01_T1w.nii.gz"
+    img = nib.load(t1)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine), t1)  # re-converted
+    before = np.asanyarray(nib.load(t1_out).dataobj).copy()
+    assert _run([bids, out, *args]) == 0
+    assert json.loads(side.read_text())["CoregisteredSHA256"] != meta["CoregisteredSHA256"]
+    assert not np.array_equal(np.asanyarray(nib.load(t1_out).dataobj), before)
+
+    for f in t1.parent.glob("sub-01_ses-01_T1w.*"):
+        f.unlink()
+    assert _run([bids, out, *args]) == 0
+    meta = json.loads(side.read_text())
+    assert meta["CoregisteredSHA256"] == {} and not list(anat.glob("*_T1w.*"))
+    assert not [o for o in meta["Outputs"] if "T1w" in o]
