@@ -114,8 +114,8 @@ def image_like(data: np.ndarray, ref: nib.spatialimages.SpatialImage, dtype) -> 
     img.set_sform(sf if sc else None, int(sc) if sc else 0)
     if not qc and not sc:  # unreachable for checked inputs; keep geometry rather than lose it
         img.set_sform(ref.affine, 1)
-    # the voxel sizes of the affine written (an input's pixdim may disagree with its sform)
-    img.header.set_zooms(tuple(float(z) for z in nib.affines.voxel_sizes(img.affine)[:3]))
+    if not qc:  # pixdim belongs to the qform (set_qform wrote it): without one, the sform's voxel sizes
+        img.header.set_zooms(tuple(float(z) for z in nib.affines.voxel_sizes(img.affine)[:3]))
     img.header.set_slope_inter(np.nan, np.nan)
     img.header["cal_min"] = 0
     img.header["cal_max"] = 0
@@ -308,7 +308,9 @@ def raw_path(uri: str, bids_dir: Path) -> Path:
 
 
 def output_prefix(entities: dict) -> str:
-    """``sub-X[_ses-Y][_acq-Z][_run-N]``: how one FLAIR is named in messages and logs."""
+    """``sub-X[_ses-Y][_task-T][_acq-Z]...[_run-N][_echo-E][_part-P][_chunk-C]``
+    (:data:`NAME_ENTITIES` in BIDS order): how one FLAIR is named in messages, logs and its
+    report."""
     return _build(entities, REPORT_PATTERN)[: -len(".html")]
 
 
@@ -342,6 +344,35 @@ def read_used_card(output_dir: Path, card_sha256: str) -> dict | None:
 def prefix_from_crash_log(path: Path) -> str:
     """The FLAIR prefix a crash log names (inverse of :func:`crash_log_path`; run ids hold one ``-``)."""
     return Path(path).name[len(CRASH_PREFIX):].rsplit("-", 2)[0]
+
+
+def resolve_crash_logs(output_dir: Path, prefix: str) -> list[Path]:
+    """Move the crash logs of a FLAIR that has now succeeded into ``logs/resolved/``.
+
+    ``logs/crash-*.txt`` then lists failures that still hold (the group level reports them),
+    whatever the files' modification times (copies reset them); the tracebacks are kept.
+
+    Parameters
+    ----------
+    output_dir : Path
+    prefix : str
+        The FLAIR's :func:`output_prefix`.
+
+    Returns
+    -------
+    list of Path
+        The crash logs' new paths.
+    """
+    logs = Path(output_dir) / "logs"
+    moved = []
+    for crash in sorted(logs.glob(f"{CRASH_PREFIX}{prefix}-*.txt")):
+        if prefix_from_crash_log(crash) != prefix:  # sub-01 must not take sub-01_ses-02's logs
+            continue
+        dest = logs / "resolved" / crash.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(crash, dest)
+        moved.append(dest)
+    return moved
 
 
 def _write_if_changed(path: Path, text: str) -> None:

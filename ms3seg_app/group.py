@@ -261,10 +261,12 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
 def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
     """Participants of ``participants.tsv`` without results, and FLAIRs with crash logs.
 
-    A crash log counts unless the FLAIR's results are complete (``df["qc_incomplete"]``
-    false) and were finished after it (their dseg sidecar, written last, is newer): a
-    FLAIR that failed once and succeeded later is not listed, one whose rerun failed is,
-    even where an earlier run's tables are still there.
+    The participant level moves a FLAIR's crash logs to ``logs/resolved/`` once it succeeds
+    (:func:`~ms3seg_app.derivatives.resolve_crash_logs`), so ``logs/crash-*.txt`` are failures
+    that still hold: each is listed, unless (output folders of earlier versions, which left
+    them there) the FLAIR's results are complete (``df["qc_incomplete"]`` false) and their
+    dseg sidecar is newer than the crash log. A FLAIR whose rerun failed is listed, even
+    where an earlier run's tables are still there.
     """
     from .derivatives import flair_entities, flair_outputs
 
@@ -277,7 +279,7 @@ def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> pd
         if prefix in done:
             side = flair_outputs(flair_entities(prefix), output_dir)["dseg_json"]
             try:
-                if side.stat().st_mtime >= crash.stat().st_mtime:  # failed once, succeeded on a later run
+                if side.stat().st_mtime >= crash.stat().st_mtime:  # failed once, succeeded later (older versions)
                     continue
             except OSError:
                 pass

@@ -31,7 +31,7 @@ import numpy as np
 from . import __version__
 from .bids import FlairInput
 from .derivatives import (atomic_save_nifti, atomic_write_json, atomic_write_text, flair_outputs, image_like,
-                          output_prefix, probability_image, raw_uri, safe_metadata)
+                          output_prefix, probability_image, raw_uri, resolve_crash_logs, safe_metadata)
 from .model.card import ModelCard, sha256_file
 
 LOGGER = logging.getLogger("ms3seg.participant")
@@ -94,15 +94,47 @@ COREGISTERED = ("T1w", "T2w")
 
 
 def anatomical_sha256(fi: FlairInput) -> dict[str, str]:
-    """sha256 of the T1w/T2w co-registered with ``fi`` (modality -> hex digest; only those
-    present): recorded in the dseg sidecar, so that a re-converted, added or removed
-    anatomical makes the FLAIR's results incomplete."""
+    """sha256 of the anatomicals co-registered with a FLAIR.
+
+    Recorded in the dseg sidecar (``CoregisteredSHA256``), so that a re-converted, added or
+    removed T1w/T2w makes the FLAIR's results incomplete (:func:`is_complete`).
+
+    Parameters
+    ----------
+    fi : FlairInput
+
+    Returns
+    -------
+    dict
+        Modality (``"T1w"``, ``"T2w"``; only those the FLAIR has) -> hex sha256 of its file.
+
+    Raises
+    ------
+    OSError
+        An anatomical that cannot be read.
+    """
     return {m: sha256_file(getattr(fi, m.lower())) for m in COREGISTERED if getattr(fi, m.lower()) is not None}
+
+
+def _changed_since_0_3_0_fixes(path: Path) -> bool:
+    """Whether results made before the fixes of 2026-12-03 (sidecars without
+    ``CoregisteredSHA256``) differ for this FLAIR: stored with its slice axis other than the
+    third, or with a pixdim that disagrees with its affine (header only is read)."""
+    from .preprocessing.geometry import inferior_superior_axis
+
+    img = nib.load(str(path))
+    pixdim = np.asarray(img.header.get_zooms()[:3], float)
+    return (inferior_superior_axis(img.affine) != 2
+            or not np.allclose(pixdim, nib.affines.voxel_sizes(img.affine)[:3], rtol=1e-3, atol=1e-4))
 
 
 def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunOptions,
                 source_sha: str | None = None) -> bool:
     """True if every output exists and was made from this input with this model and options.
+
+    "This input" is the FLAIR and the T1w/T2w co-registered with it (their sha256 against
+    the dseg sidecar's ``SourceSHA256`` and ``CoregisteredSHA256``); an input that cannot be
+    read makes it False (the FLAIR is then processed, and fails alone).
 
     Parameters
     ----------
@@ -120,10 +152,17 @@ def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunO
         side = json.loads(paths["dseg_json"].read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return (side.get("SourceSHA256") == (source_sha or sha256_file(fi.path))
-            and side.get("RunKey") == run_key(card, options)
-            # sidecars written before this key: complete only where no anatomical is co-registered
-            and side.get("CoregisteredSHA256", {}) == anatomical_sha256(fi))
+    if side.get("SourceSHA256") != (source_sha or sha256_file(fi.path)) or side.get("RunKey") != run_key(card, options):
+        return False
+    try:
+        if "CoregisteredSHA256" not in side:
+            # made before the key existed (2026-12-03): the anatomicals were not recorded (taken
+            # as unchanged, as group.missing_outputs takes sidecars without Outputs); redone
+            # only where that day's fixes change the result
+            return not _changed_since_0_3_0_fixes(fi.path)
+        return side["CoregisteredSHA256"] == anatomical_sha256(fi)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError):  # unreadable: process_flair fails it alone
+        return False
 
 
 def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
@@ -395,6 +434,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
         "Labels": {str(c.index): c.name for c in card.classes},
         "LesionDefinition": _lesion_definition(), "QCWarnings": result.warnings,
         "AcquisitionMetadata": safe_metadata(fi.metadata), "Outputs": outputs, **model_info})
+    resolve_crash_logs(output_dir, prefix)  # earlier failures of this FLAIR no longer hold
     result.timings = timer.timings
     result.seconds = time.time() - t0
     return result

@@ -259,3 +259,111 @@ def test_a_changed_or_removed_t1w_makes_the_results_incomplete(tmp_path, tiny_mo
     meta = json.loads(side.read_text())
     assert meta["CoregisteredSHA256"] == {} and not list(anat.glob("*_T1w.*"))
     assert not [o for o in meta["Outputs"] if "T1w" in o]
+
+
+def test_crash_logs_of_a_flair_that_later_succeeds_are_resolved_and_older_folders_compared_by_time(tmp_path,
+                                                                                                  tiny_model):
+    """A FLAIR that failed and then succeeded: its crash log moves to ``logs/resolved/`` and the
+    group lists no failure. In folders of earlier versions (crash logs left in ``logs/``), a
+    crash log older than the complete results is not listed, a newer one is."""
+    import os
+
+    from ms3seg_app.group import collect_volumes, missing_and_failed
+
+    bids, out = _dataset(tmp_path), tmp_path / "out"
+    flair = bids / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"
+    good = flair.read_bytes()
+    flair.write_bytes(good[:3000])  # truncated
+    assert _run([bids, out, *_args(tiny_model)]) == 1
+    crash = list((out / "logs").glob("crash-sub-02-*.txt"))
+    assert len(crash) == 1
+    flair.write_bytes(good)
+    assert _run([bids, out, *_args(tiny_model)]) == 0
+    assert not list((out / "logs").glob("crash-*.txt"))
+    assert (out / "logs" / "resolved" / crash[0].name).is_file()
+    df = collect_volumes(out)
+    assert missing_and_failed(out, bids, df).empty
+
+    # an older version's folder: the crash log left in logs/
+    legacy = out / "logs" / crash[0].name
+    os.replace(out / "logs" / "resolved" / crash[0].name, legacy)
+    side = out / "sub-02" / "anat" / "sub-02_space-orig_desc-trimask_dseg.json"
+    t = side.stat().st_mtime
+    os.utime(legacy, (t - 60, t - 60))
+    assert missing_and_failed(out, bids, df).empty
+    os.utime(legacy, (t + 60, t + 60))
+    assert missing_and_failed(out, bids, df)["flair"].tolist() == ["sub-02"]
+
+
+def test_axial_hole_filling_follows_the_inferior_superior_axis_of_any_storage():
+    """A tube along inferior-superior: its lumen is a hole in every axial slice and open in the
+    other planes. Stored with its axial axis first or last, the filled masks are the same
+    voxels (the head mask's too)."""
+    from ms3seg_app.preprocessing.geometry import fill_holes_per_slice, head_mask, inferior_superior_axis
+
+    ii, jj = np.meshgrid(np.arange(21), np.arange(21), indexing="ij")
+    r = np.hypot(ii - 10, jj - 10)
+    ring = (r >= 4) & (r <= 7)
+    tube = np.repeat(ring[:, :, None], 15, axis=2)  # (x, y, z): axial slices across axis 2
+    want = np.repeat((r <= 7)[:, :, None], 15, axis=2)
+    perm = (2, 0, 1)
+    swap = np.eye(4)
+    swap[:3, :3] = np.eye(3)[:, perm]
+    first = np.transpose(tube, perm)  # stored (z, x, y)
+    assert inferior_superior_axis(np.eye(4)) == 2 and inferior_superior_axis(swap) == 0
+    np.testing.assert_array_equal(fill_holes_per_slice(tube.copy(), inferior_superior_axis(np.eye(4))), want)
+    got = fill_holes_per_slice(first.copy(), inferior_superior_axis(swap))
+    np.testing.assert_array_equal(np.transpose(got, np.argsort(perm)), want)
+    img = np.where(tube, 100.0, 0.0).astype(np.float32)
+    np.testing.assert_array_equal(
+        np.transpose(head_mask(np.transpose(img, perm), axis=0), np.argsort(perm)), head_mask(img, axis=2))
+    assert head_mask(img, axis=2)[10, 10, 7]
+
+
+def test_outputs_keep_the_input_qform_when_pixdim_disagrees_with_the_sform(tmp_path):
+    """pixdim belongs to the qform: an input whose qform (1 mm) and sform (1.2 x 1.2 x 6.5 mm)
+    disagree keeps its qform in the outputs, exactly; without a qform, pixdim is the sform's."""
+    from ms3seg_app.derivatives import image_like
+
+    data = np.zeros((8, 8, 4), np.float32)
+    ref = nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0]))
+    ref.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), 1)
+    ref.set_sform(np.diag([1.2, 1.2, 6.5, 1.0]), 2)
+    out = image_like(data, ref, np.uint8)
+    np.testing.assert_allclose(out.get_qform(), ref.get_qform())
+    np.testing.assert_allclose(out.get_sform(), ref.get_sform())
+    np.testing.assert_allclose(out.header.get_zooms(), (1.0, 1.0, 1.0))
+    ref.set_qform(None, 0)
+    ref.header.set_zooms((1.0, 1.0, 1.0))
+    np.testing.assert_allclose(image_like(data, ref, np.uint8).header.get_zooms(), (1.2, 1.2, 6.5))
+
+
+def test_results_of_the_previous_version_are_redone_only_where_these_fixes_change_them(tmp_path, tiny_model):
+    """A sidecar without ``CoregisteredSHA256`` (written before it existed) stays complete, its
+    T1w taken as unchanged; a FLAIR stored non-axially or with a disagreeing pixdim is redone."""
+    from ms3seg_app.participant import _changed_since_0_3_0_fixes
+
+    bids, out = _dataset(tmp_path, ("01",)), tmp_path / "out"
+    args = _args(tiny_model, "--session-label", "01")
+    assert _run([bids, out, *args]) == 0
+    side = out / "sub-01" / "ses-01" / "anat" / "sub-01_ses-01_space-orig_desc-trimask_dseg.json"
+    meta = json.loads(side.read_text())
+    del meta["CoregisteredSHA256"]
+    side.write_text(json.dumps(meta))
+    before = side.read_bytes()
+    assert _run([bids, out, *args]) == 0
+    assert side.read_bytes() == before  # not redone
+
+    flair = bids / "sub-01" / "ses-01" / "anat" / "sub-01_ses-01_FLAIR.nii.gz"
+    assert not _changed_since_0_3_0_fixes(flair)
+    img = nib.load(flair)
+    swap = np.eye(4)
+    swap[:3, :3] = np.eye(3)[:, (2, 0, 1)]
+    nib.save(nib.Nifti1Image(np.transpose(np.asanyarray(img.dataobj), (2, 0, 1)), img.affine @ swap),
+             tmp_path / "first.nii.gz")
+    assert _changed_since_0_3_0_fixes(tmp_path / "first.nii.gz")
+    odd = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine)
+    odd.set_qform(None, 0)
+    odd.header.set_zooms((1.0, 1.0, 1.0))
+    nib.save(odd, tmp_path / "pixdim.nii.gz")
+    assert _changed_since_0_3_0_fixes(tmp_path / "pixdim.nii.gz")
