@@ -53,6 +53,10 @@ class FlairInput:
         return output_prefix(self.entities)
 
 
+#: Anatomicals of a FLAIR's session that are found and co-registered to it.
+COREGISTERED = ("T1w", "T2w")
+
+
 def label_sort_key(values):
     """Sort key that orders BIDS labels with numbers by their value: ``ses-2`` before ``ses-10``,
     ``m6`` before ``m12`` (text order puts ``10`` before ``2``).
@@ -212,7 +216,9 @@ def collect_inputs(bids_dir: Path, participant_labels=None, session_labels=None,
         participant labels that have no FLAIR (reported and skipped by the caller).
         A FLAIR whose sidecar cannot be read (not UTF-8, not JSON, not an object) is
         returned with ``metadata={}`` and ``error`` set to a message naming the file
-        and the fix: the caller reports it as failed and processes the others.
+        and the fix: the caller reports it as failed and processes the others. So are
+        FLAIRs whose names would give the same outputs (they differ only in entities
+        outside :data:`~ms3seg_app.derivatives.NAME_ENTITIES`): each gets an ``error``.
 
     Raises
     ------
@@ -256,7 +262,7 @@ def collect_inputs(bids_dir: Path, participant_labels=None, session_labels=None,
         if ents.get("session") is not None:
             same["session"] = ents["session"]
         anat = {}
-        for suffix in ("T1w", "T2w"):
+        for suffix in COREGISTERED:
             hits = layout.get(return_type="file", suffix=suffix, invalid_filters="error",
                               **{**same, **filters.get(suffix.lower(), {})})
             if ents.get("session") is None:

@@ -247,8 +247,9 @@ def flair_outputs(entities: dict, output_dir: Path, probseg_labels=(), modalitie
     Parameters
     ----------
     entities : dict
-        BIDS entities of the input FLAIR (``subject``, optional ``session``,
-        ``acquisition``, ``ceagent``, ``reconstruction``, ``run``).
+        BIDS entities of the input FLAIR (``subject``, and any of the other
+        :data:`NAME_ENTITIES`: ``session``, ``task``, ``acquisition``, ``ceagent``,
+        ``reconstruction``, ``run``, ``echo``, ``part``, ``chunk``).
     output_dir : Path
     probseg_labels : sequence of str
         Abbreviations of the classes with a probability map (the card's foreground).

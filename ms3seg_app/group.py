@@ -293,7 +293,7 @@ def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> pd
         for p in sorted(set(listed) - set(df["participant_id"]) - crashed):
             rows.append({"participant_id": p, "flair": "n/a", "problem": "no participant-level result"})
     out = pd.DataFrame(rows, columns=["participant_id", "flair", "problem"])
-    return out.drop_duplicates().sort_values(["participant_id", "flair"]).reset_index(drop=True)
+    return out.drop_duplicates().sort_values(["participant_id", "flair"], key=label_sort_key).reset_index(drop=True)
 
 
 def age_band(age) -> str:

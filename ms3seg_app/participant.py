@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from . import __version__
-from .bids import FlairInput
+from .bids import COREGISTERED, FlairInput
 from .derivatives import (atomic_save_nifti, atomic_write_json, atomic_write_text, flair_outputs, image_like,
                           output_prefix, probability_image, raw_uri, resolve_crash_logs, safe_metadata)
 from .model.card import ModelCard, sha256_file
@@ -87,10 +87,6 @@ def expected_outputs(fi: FlairInput, output_dir: Path, card: ModelCard, reports:
     if not reports:
         paths.pop("report")
     return paths
-
-
-#: Modalities co-registered to the FLAIR when the session has them.
-COREGISTERED = ("T1w", "T2w")
 
 
 def anatomical_sha256(fi: FlairInput) -> dict[str, str]:
@@ -194,7 +190,9 @@ def qc_warnings(img, card: ModelCard, probs: np.ndarray, dseg: np.ndarray, mask:
     list of str, one sentence per warning (empty when nothing is unusual)
     """
     w = []
-    ras_z = [float(z) for z in nib.affines.voxel_sizes(nib.as_closest_canonical(img).affine)[:3]]  # (x, y, z) mm
+    from .preprocessing.geometry import axial_voxel_sizes
+
+    ras_z = axial_voxel_sizes(img.affine)  # (x, y, z) mm
     tr = card.training_geometry
     thick, inplane = tr.get("slice_thickness_mm"), tr.get("inplane_mm")
     if thick and not thick[0] <= ras_z[2] <= thick[1]:
@@ -334,7 +332,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     import pandas as pd
 
     from .lesions import lesion_table, volume_table
-    from .preprocessing.geometry import inferior_superior_axis
+    from .preprocessing.geometry import axial_voxel_sizes, inferior_superior_axis
     from .stages import brain_mask, coregister_to_flair, load_flair, n4_correct, restrict_to_brain
 
     card = predictor.card
@@ -404,12 +402,14 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
                                                  "Description": f"{mod} rigidly co-registered to the FLAIR",
                                                  "RegistrationMethod": coreg_methods[mod]})
     atomic_write_text(paths["lesions"], lesions.to_csv(sep="\t", index=False, float_format="%.4f", na_rep="n/a"))
+    axial = axial_voxel_sizes(img.affine)
     run = fi.entities.get("run")  # pybids' padded index: written as named (01), not as a number
     vrow = {"participant_id": f"sub-{fi.entities['subject']}", "session_id":
             f"ses-{fi.entities['session']}" if fi.entities.get("session") else "n/a",
             "acq": fi.entities.get("acquisition") or "n/a", "run": str(run) if run is not None else "n/a",
             "flair": fi.path.name, **volumes, "qc_warnings": len(warnings),
-            "slice_thickness_mm": float(sorted(spacing)[-1]), "inplane_mm": float(min(spacing))}
+            # axial, as the model slices it and qc_warnings checks it
+            "slice_thickness_mm": axial[2], "inplane_mm": min(axial[:2])}
     atomic_write_text(paths["volumes"], pd.DataFrame([vrow]).to_csv(sep="\t", index=False, float_format="%.6g",
                                                                        na_rep="n/a"))
     timer.timings["derivatives"] = time.perf_counter() - t_write

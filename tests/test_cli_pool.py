@@ -120,6 +120,18 @@ def test_group_rejects_participant_level_selection(tmp_path, capsys, flag):
     assert not (tmp_path / "out").exists()
 
 
+def test_group_rejects_a_filter_file(tmp_path, capsys):
+    from ms3seg_app.cli.parser import parse_args
+
+    filt = tmp_path / "filter.json"
+    filt.write_text('{"flair": {"acquisition": "ax"}}')
+    with pytest.raises(SystemExit) as exc:
+        parse_args([str(EXAMPLE), str(tmp_path / "out"), "group", "--bids-filter-file", str(filt)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--bids-filter-file is a participant-level option" in err, err
+
+
 def test_group_no_reports_writes_no_group_html(tmp_path, monkeypatch):
     """--no-reports at group level is honoured: the tables, no group.html."""
     from ms3seg_app.cli import run

@@ -228,6 +228,10 @@ def test_results_do_not_depend_on_the_storage_order(tmp_path, tiny_model):
         np.testing.assert_allclose(b.affine, a.affine @ swap, atol=1e-6)
         np.testing.assert_array_equal(np.transpose(np.asanyarray(b.dataobj), back), np.asanyarray(a.dataobj),
                                       err_msg=suffix)
+    tables = [pd.read_csv(out / f"sub-{s}" / "anat" / f"sub-{s}_space-orig_desc-trimask_volumes.tsv", sep="\t")
+              .drop(columns=["participant_id", "flair"]) for s in ("02", "03")]
+    pd.testing.assert_frame_equal(*tables)  # the axial slice thickness and in-plane size included
+    assert tables[0]["slice_thickness_mm"].iloc[0] == pytest.approx(6.5)
 
 
 def test_a_changed_or_removed_t1w_makes_the_results_incomplete(tmp_path, tiny_model):

@@ -112,7 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--session-label", "--session_label", nargs="+", default=None, metavar="LABEL",
                    help="participant level: session labels, with or without 'ses-' (default: all)")
     g.add_argument("--bids-filter-file", type=Path, default=None, metavar="FILE",
-                   help='JSON of pybids filters per query: {"flair": {...}, "t1w": {...}, "t2w": {...}}')
+                   help='participant level: JSON of pybids filters per query: {"flair": {...}, "t1w": {...}, "t2w": {...}}')
     g.add_argument("--skip-bids-validation", action="store_true",
                    help="do not run the BIDS validator on the input dataset")
 
@@ -238,8 +238,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         _fail(parser, str(exc))
     if opts.nprocs < 1:
         _fail(parser, f"--nprocs must be >= 1 (got {opts.nprocs})")
-    given = [f for f, v in (("--participant-label", opts.participant_label), ("--session-label", opts.session_label))
-             if v]
+    given = [f for f, v in (("--participant-label", opts.participant_label), ("--session-label", opts.session_label),
+                            ("--bids-filter-file", opts.bids_filter_file)) if v]
     if opts.analysis_level == "group" and given:
         # the group level tabulates and compares every result in output_dir; a subset would
         # silently replace the dataset's group tables with a partial one

@@ -401,15 +401,19 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
                 # private, read only for the dead worker's exit status; without it (another Python)
                 # no FLAIR can be blamed for sure and each running one is retried once instead
                 procs = getattr(pool, "_processes", None)
-                pending = {pool.submit(_process_one, fi, job, sha): (fi, sha) for fi, sha in remaining}
+                submitted = 0
                 try:
+                    for fi, sha in remaining:  # a worker may die while later FLAIRs are submitted
+                        pending[pool.submit(_process_one, fi, job, sha)] = (fi, sha)
+                        submitted += 1
                     for fut in cf.as_completed(list(pending)):
                         outcome = fut.result()
                         del pending[fut]
                         _record(*outcome, done, failed, opts.output_dir, run_uuid)
                 except BrokenProcessPool:
                     pass  # leaving the block joins the workers, so their exit codes are known below
-            if not pending:
+            unsubmitted = remaining[submitted:]
+            if not pending and not unsubmitted:
                 return
             codes = {pid: p.exitcode for pid, p in dict(procs or {}).items()}
             # the pool stops the other workers with SIGTERM once one has died
@@ -418,7 +422,7 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
             finished, died, retry = _sort_out_broken_pool(pending, inflight, codes, breaks)
             for outcome in finished:
                 _record(*outcome, done, failed, opts.output_dir, run_uuid)
-            remaining = retry
+            remaining = retry + unsubmitted
             if remaining and len(done) + len(failed) + len(died) + sum(breaks.values()) == progress_before:
                 # nothing finished and no FLAIR was running when the pool broke (e.g. a worker died
                 # importing TensorFlow): a fresh pool would break the same way, again and again
@@ -426,8 +430,11 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
                 died += [(output_prefix(fi.entities), fi, how) for fi, _ in remaining]
                 remaining = []
             for prefix, fi, how in died:
-                err = (f"worker process died {how}; likely out of memory: ask for more memory per task "
-                       f"or use fewer --nprocs (this run: {nprocs})")
+                # the out-of-memory killer sends SIGKILL (a shell shows exit code 137)
+                oom = "SIGKILL" in how or "exit code 137" in how
+                err = (f"worker process died {how}; " + ("likely out of memory: ask for more memory per task "
+                       f"or use fewer --nprocs (this run: {nprocs})" if oom else
+                       "see the crash log; if it recurs, run this FLAIR alone (--participant-label)"))
                 _report_failure(prefix, err, _died_log(fi, how), failed, opts.output_dir, run_uuid)
             if remaining:
                 LOGGER.log(IMPORTANT, "a worker process died (%s): processing the %d unfinished FLAIR(s) in a "
@@ -485,7 +492,7 @@ def _sort_out_broken_pool(pending: dict, inflight: Path, exit_codes: dict, break
         # is retried once; running at a second break, it is reported failed, never dropped
         breaks[prefix] = breaks.get(prefix, 0) + 1
         if breaks[prefix] >= 2:
-            died.append((prefix, fi, "twice while this FLAIR was being processed (exit status unknown)"))
+            died.append((prefix, fi, "twice beside this FLAIR's worker, which the pool stopped each time"))
         else:
             retry.append((fi, sha))
     return finished, died, retry

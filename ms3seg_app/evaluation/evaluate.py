@@ -59,7 +59,7 @@ def evaluate_pairs(pairs) -> pd.DataFrame:
         t = np.rint(np.asanyarray(ti.dataobj)).astype(np.int16)
         if p.shape != t.shape:
             raise InputDataError(f"{pp} {p.shape} and {tp} {t.shape} are not on the same grid")
-        spacing = tuple(float(z) for z in ti.header.get_zooms()[:3])
+        spacing = tuple(float(z) for z in nib.affines.voxel_sizes(ti.affine)[:3])  # mm, as the pipeline's
         for r in evaluate_dseg(p, t, spacing, annotated=ann):
             rows.append({"flair": key, "class_name": CLASSES[r["class"]][0], **r})
     return pd.DataFrame(rows)

@@ -82,10 +82,43 @@ def head_threshold(data: np.ndarray) -> float:
 
 
 def inferior_superior_axis(affine: np.ndarray) -> int:
-    """The voxel axis (0, 1 or 2) closest to inferior-superior in scanner RAS+ (nibabel's
-    ``io_orientation``): the axis across axial slices, whatever the storage order."""
+    """The stored axis across axial slices, whatever the storage order.
+
+    Parameters
+    ----------
+    affine : ndarray (4, 4)
+        Voxel-to-world (RAS+, mm) affine.
+
+    Returns
+    -------
+    int
+        The voxel axis (0, 1 or 2) closest to inferior-superior in RAS+ (nibabel's
+        ``io_orientation``).
+    """
     ornt = nib.orientations.io_orientation(np.asarray(affine))
     return int(np.nonzero(ornt[:, 0] == 2)[0][0])
+
+
+def axial_voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel sizes along RAS+ x, y and z, whatever the storage order.
+
+    Parameters
+    ----------
+    affine : ndarray (4, 4)
+        Voxel-to-world (RAS+, mm) affine.
+
+    Returns
+    -------
+    (x, y, z) : floats, mm
+        The sizes of the stored axes closest to left-right, posterior-anterior and
+        inferior-superior (nibabel's ``io_orientation``): ``z`` is the axial slice thickness,
+        ``x`` and ``y`` the axial in-plane sizes.
+    """
+    sizes = nib.affines.voxel_sizes(np.asarray(affine))[:3]
+    out = [0.0, 0.0, 0.0]
+    for i, (j, _flip) in enumerate(nib.orientations.io_orientation(np.asarray(affine))):
+        out[int(j)] = float(sizes[i])
+    return tuple(out)
 
 
 def fill_holes_per_slice(mask: np.ndarray, axis: int = 2) -> np.ndarray:
@@ -210,7 +243,7 @@ class SliceGeometry:
         ras_zooms = tuple(float(z) for z in np.sqrt((ras_aff[:3, :3] ** 2).sum(axis=0)))
         if centre_on is None:
             data = np.asarray(img.dataobj, dtype=np.float32)
-            centre_on = head_mask(np.nan_to_num(data), axis=int(np.nonzero(ornt[:, 0] == 2)[0][0]))
+            centre_on = head_mask(np.nan_to_num(data), axis=inferior_superior_axis(affine))
         mask_ras = nib.orientations.apply_orientation(np.asarray(centre_on), ornt)
         if mask_ras.any():
             ii, jj = np.nonzero(mask_ras.any(axis=2))

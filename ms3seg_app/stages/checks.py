@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from ..exceptions import InputDataError
-from ..preprocessing.geometry import inferior_superior_axis  # noqa: F401  (named from here too)
+from ..preprocessing.geometry import inferior_superior_axis
 
 LOGGER = logging.getLogger("ms3seg.stages")
 

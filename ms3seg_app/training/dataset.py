@@ -7,6 +7,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..preprocessing import head_mask, normalize, to_model_slices
+from ..preprocessing.geometry import inferior_superior_axis
 from .readers import LabelledSlice, LabelledVolume
 
 N_CLASSES = 4
@@ -98,8 +99,8 @@ def volume_to_slices(vol: LabelledVolume, card_pre: dict) -> SliceSet:
     if bpath:
         brain = geom.forward((np.asanyarray(nib.load(str(bpath)).dataobj) > 0.5).astype(np.uint8), order=0) > 0
     else:
-        brain = approximate_brain(geom.forward(head_mask(np.asarray(vol.flair.dataobj, np.float32))
-                                               .astype(np.uint8), order=0) > 0, card_pre["pixel_size_mm"])
+        head = head_mask(np.asarray(vol.flair.dataobj, np.float32), inferior_superior_axis(vol.flair.affine))
+        brain = approximate_brain(geom.forward(head.astype(np.uint8), order=0) > 0, card_pre["pixel_size_mm"])
     n = len(x)
     return SliceSet(x.astype(np.float32), y.astype(np.uint8),
                     np.tile(np.asarray(vol.annotated, np.float32), (n, 1)),

@@ -197,7 +197,7 @@ def validate(data: Path, cv_dir: Path) -> dict:
         frows = []
         for v in test:
             out = pred.predict_image(v.flair)
-            spacing = tuple(float(z) for z in v.flair.header.get_zooms()[:3])
+            spacing = tuple(float(z) for z in nib.affines.voxel_sizes(v.flair.affine)[:3])  # mm
             for variant, dseg in (("post", out.dseg),
                                   ("raw", np.argmax(out.probabilities, axis=-1).astype(np.uint8))):
                 for r in evaluate_dseg(dseg, v.labels, spacing, annotated=v.annotated):
