@@ -222,5 +222,5 @@ def test_filters_in_namespace_match_load_filters(tmp_path, bids):
 
     f = tmp_path / "f.json"
     f.write_text(json.dumps({"flair": {"acquisition": "ax"}}))
-    o = parse_args([str(bids), str(tmp_path / "out"), "group", "--bids-filter-file", str(f)])
+    o = parse_args([str(bids), str(tmp_path / "out"), "participant", "--bids-filter-file", str(f)])
     assert o.bids_filters == load_filters(o.bids_filter_file)
