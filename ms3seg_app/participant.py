@@ -116,12 +116,10 @@ def _changed_since_0_3_0_fixes(path: Path) -> bool:
     """Whether results made before the fixes of 2026-12-03 (sidecars without
     ``CoregisteredSHA256``) differ for this FLAIR: stored with its slice axis other than the
     third, or with a pixdim that disagrees with its affine (header only is read)."""
-    from .preprocessing.geometry import inferior_superior_axis
+    from .preprocessing.geometry import inferior_superior_axis, pixdim_disagrees
 
     img = nib.load(str(path))
-    pixdim = np.asarray(img.header.get_zooms()[:3], float)
-    return (inferior_superior_axis(img.affine) != 2
-            or not np.allclose(pixdim, nib.affines.voxel_sizes(img.affine)[:3], rtol=1e-3, atol=1e-4))
+    return inferior_superior_axis(img.affine) != 2 or pixdim_disagrees(img)[0]
 
 
 def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunOptions,
@@ -189,9 +187,9 @@ def qc_warnings(img, card: ModelCard, probs: np.ndarray, dseg: np.ndarray, mask:
     -------
     list of str, one sentence per warning (empty when nothing is unusual)
     """
-    w = []
     from .preprocessing.geometry import axial_voxel_sizes
 
+    w = []
     ras_z = axial_voxel_sizes(img.affine)  # (x, y, z) mm
     tr = card.training_geometry
     thick, inplane = tr.get("slice_thickness_mm"), tr.get("inplane_mm")
@@ -363,6 +361,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
                         pred.box_probabilities[..., awmh], pred.box_uncertainty, lesion_class=awmh,
                         ventricle_class=card.class_index("VEN"), value_box=pred.box)
     volumes = volume_table(pred.dseg, img.affine, lesions, mask, card)
+    coreg_sha = anatomical_sha256(fi)  # the files co-registration reads next, for the sidecar
     coreg, coreg_methods = {}, {}
     for mod in COREGISTERED:
         src = getattr(fi, mod.lower())
@@ -429,7 +428,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     outputs = sorted(str(p.relative_to(output_dir)) for k, p in paths.items())
     atomic_write_json(paths["dseg_json"], {
         "Sources": [raw], **space, "SourceSHA256": source_sha, "RunKey": run_key(card, options),
-        "CoregisteredSHA256": anatomical_sha256(fi),
+        "CoregisteredSHA256": coreg_sha,
         "Manual": False, "Atlas": "MS3SEG tri-mask", "Description": "MS3SEG tri-mask by ms3seg-app",
         "Labels": {str(c.index): c.name for c in card.classes},
         "LesionDefinition": _lesion_definition(), "QCWarnings": result.warnings,

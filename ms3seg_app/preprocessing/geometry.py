@@ -121,6 +121,24 @@ def axial_voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(out)
 
 
+def pixdim_disagrees(img: nib.spatialimages.SpatialImage) -> tuple[bool, np.ndarray, np.ndarray]:
+    """Whether a header's pixdim disagrees with the voxel sizes of the image's affine.
+
+    Parameters
+    ----------
+    img : nibabel image, 3D
+
+    Returns
+    -------
+    (disagrees, pixdim, affine_sizes)
+        True where any size differs by more than 0.1 % (and 1e-4 mm); both as ndarray (3,)
+        float, mm, along the stored axes.
+    """
+    pixdim = np.asarray(img.header.get_zooms()[:3], float)
+    sizes = nib.affines.voxel_sizes(np.asarray(img.affine))[:3]
+    return not np.allclose(pixdim, sizes, rtol=1e-3, atol=1e-4), pixdim, sizes
+
+
 def fill_holes_per_slice(mask: np.ndarray, axis: int = 2) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes`` of each 2D slice across ``axis``, in place.
 
@@ -235,12 +253,11 @@ class SliceGeometry:
         if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
             raise InputDataError("the image affine is singular or not finite")
         ornt = nib.orientations.io_orientation(affine)
-        ras_aff = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
         ras_list = [0, 0, 0]
         for i, (j, _flip) in enumerate(ornt):  # stored axis i becomes RAS axis j
             ras_list[int(j)] = shape[i]
         ras_shape = tuple(ras_list)
-        ras_zooms = tuple(float(z) for z in np.sqrt((ras_aff[:3, :3] ** 2).sum(axis=0)))
+        ras_zooms = axial_voxel_sizes(affine)
         if centre_on is None:
             data = np.asarray(img.dataobj, dtype=np.float32)
             centre_on = head_mask(np.nan_to_num(data), axis=inferior_superior_axis(affine))

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from ..exceptions import InputDataError
-from ..preprocessing.geometry import inferior_superior_axis
+from ..preprocessing.geometry import inferior_superior_axis, pixdim_disagrees
 
 LOGGER = logging.getLogger("ms3seg.stages")
 
@@ -67,8 +67,8 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
     if not np.all(np.isfinite(zooms)) or zooms.min() < MIN_VOXEL_MM or zooms.max() > MAX_VOXEL_MM:
         raise InputDataError(f"{path}: implausible voxel size {tuple(np.round(zooms, 3))} mm "
                              f"(expected {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm); fix the header's sform/qform.")
-    pixdim = np.asarray(img.header.get_zooms()[:3], float)
-    if not np.allclose(pixdim, zooms, rtol=1e-3, atol=1e-4):
+    disagrees, pixdim, _ = pixdim_disagrees(img)
+    if disagrees:
         warnings.append(f"the header's voxel size (pixdim {tuple(np.round(pixdim, 3))} mm) disagrees with its "
                         f"affine's ({tuple(np.round(zooms, 3))} mm); the affine's was used, as for the orientation")
     if isinstance(img, nib.Nifti1Image):
