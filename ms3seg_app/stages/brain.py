@@ -44,7 +44,8 @@ def brain_mask(img: nib.Nifti1Image, method: str = "auto",
     img : Nifti1Image, 3D
     method : {"auto", "fsl", "deepbet", "none"}
         ``none``: the input is already skull-stripped; the mask is its voxels above 0
-        (holes filled per slice). ``auto``: ``none`` when :func:`looks_skull_stripped`,
+        (holes filled per slice; :func:`~ms3seg_app.stages.load_flair` gives an
+        intensity-normalised FLAIR its zero back first). ``auto``: ``none`` when :func:`looks_skull_stripped`,
         else FSL BET if installed, else deepbet.
 
     Returns
