@@ -44,7 +44,8 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
 
     Policy: images with NaN/Inf voxels are **refused** (such voxels mean a broken
     conversion; silently masking them would hide it); a 4D image with a single volume
-    is accepted as 3D.
+    is accepted as 3D; an intensity-normalised image gets its zero of signal back
+    (:func:`restore_signal_zero`, with a QC warning).
 
     Raises
     ------
