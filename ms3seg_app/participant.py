@@ -32,6 +32,7 @@ from . import __version__
 from .bids import COREGISTERED, FlairInput
 from .derivatives import (atomic_save_nifti, atomic_write_json, atomic_write_text, flair_outputs, image_like,
                           output_prefix, probability_image, raw_uri, resolve_crash_logs, safe_metadata)
+from .exceptions import InputDataError
 from .model.card import ModelCard, sha256_file
 
 LOGGER = logging.getLogger("ms3seg.participant")
@@ -122,6 +123,13 @@ def _changed_since_0_3_0_fixes(path: Path) -> bool:
     return inferior_superior_axis(img.affine) != 2 or pixdim_disagrees(img)[0]
 
 
+def _intensity_normalised(path: Path) -> bool:
+    """Whether :func:`~ms3seg_app.stages.load_flair` restores this FLAIR's zero of signal."""
+    from .stages import load_flair
+
+    return bool(load_flair(path)[0].extra["intensity_normalised"])
+
+
 def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunOptions,
                 source_sha: str | None = None) -> bool:
     """True if every output exists and was made from this input with this model and options.
@@ -153,10 +161,15 @@ def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunO
             # made before the key existed (2026-12-03): the anatomicals were not recorded (taken
             # as unchanged, as group.missing_outputs takes sidecars without Outputs); redone
             # only where that day's fixes change the result
-            return not _changed_since_0_3_0_fixes(fi.path)
-        return side["CoregisteredSHA256"] == anatomical_sha256(fi)
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError):  # unreadable: process_flair fails it alone
-        return False
+            if _changed_since_0_3_0_fixes(fi.path):
+                return False
+        elif side["CoregisteredSHA256"] != anatomical_sha256(fi):
+            return False
+        # made before intensity-normalised FLAIRs got their zero back (load_flair, 2026-12-03):
+        # redone if this FLAIR is one (its data are read: only for such older sidecars)
+        return "IntensityNormalised" in side or not _intensity_normalised(fi.path)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError, InputDataError):
+        return False  # unreadable or refused: process_flair fails it alone
 
 
 def _remove_stale_temporaries(paths: dict[str, Path]) -> None:
@@ -428,7 +441,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     outputs = sorted(str(p.relative_to(output_dir)) for k, p in paths.items())
     atomic_write_json(paths["dseg_json"], {
         "Sources": [raw], **space, "SourceSHA256": source_sha, "RunKey": run_key(card, options),
-        "CoregisteredSHA256": coreg_sha,
+        "CoregisteredSHA256": coreg_sha, "IntensityNormalised": bool(img.extra["intensity_normalised"]),
         "Manual": False, "Atlas": "MS3SEG tri-mask", "Description": "MS3SEG tri-mask by ms3seg-app",
         "Labels": {str(c.index): c.name for c in card.classes},
         "LesionDefinition": _lesion_definition(), "QCWarnings": result.warnings,

@@ -114,3 +114,39 @@ def test_a_zscored_development_flair_gets_the_tri_mask_of_the_scan(tmp_path, kin
     for c in (1, 2, 3):
         dice = 2 * np.count_nonzero((a == c) & (b == c)) / (np.count_nonzero(a == c) + np.count_nonzero(b == c))
         assert dice > 0.95, (c, dice)
+
+
+def test_the_sidecar_records_it_and_older_results_of_normalised_flairs_are_redone(tmp_path, tiny_model):
+    """``IntensityNormalised`` in the dseg sidecar; a sidecar without it (written before the
+    zero was restored) stays complete unless its FLAIR is intensity-normalised."""
+    import json
+    import shutil
+
+    from conftest import ROOT
+    from ms3seg_app.cli.run import main
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    shutil.copytree(ROOT / "bids_example", bids)
+    shutil.rmtree(bids / "sub-01")
+    (bids / "participants.tsv").write_text("participant_id\tage\nsub-02\t40\nsub-03\t41\n")
+    shutil.copytree(bids / "sub-02", bids / "sub-03")
+    for f in (bids / "sub-03" / "anat").iterdir():
+        f.rename(f.with_name(f.name.replace("sub-02", "sub-03")))
+    flair = bids / "sub-03" / "anat" / "sub-03_FLAIR.nii.gz"
+    scan = nib.load(str(flair))
+    _save(_zscored(np.asarray(scan.dataobj, np.float32), stripped=False), scan, flair)
+    args = [str(bids), str(out), "participant", "--skull-strip", "none", "--skip-bids-validation", "--no-reports",
+            "--model", str(tiny_model)]
+    assert main(args) == 0
+    sides = {s: out / f"sub-{s}" / "anat" / f"sub-{s}_space-orig_desc-trimask_dseg.json" for s in ("02", "03")}
+    metas = {s: json.loads(p.read_text()) for s, p in sides.items()}
+    assert metas["02"]["IntensityNormalised"] is False and metas["03"]["IntensityNormalised"] is True
+    assert any("intensity-normalised" in w for w in metas["03"]["QCWarnings"])
+    assert not any("intensity-normalised" in w for w in metas["02"]["QCWarnings"])
+    for s, meta in metas.items():  # as written before the key existed
+        del meta["IntensityNormalised"]
+        sides[s].write_text(json.dumps(meta))
+    before = {s: p.read_bytes() for s, p in sides.items()}
+    assert main(args) == 0
+    assert sides["02"].read_bytes() == before["02"]  # a scan: not redone
+    assert json.loads(sides["03"].read_text())["IntensityNormalised"] is True  # redone

@@ -41,6 +41,7 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
     Returns
     -------
     (Nifti1Image (I, J, K) float32 on the input grid with the input's qform/sform, list of str)
+        The image's ``extra["intensity_normalised"]`` says whether its zero was restored.
 
     Policy: images with NaN/Inf voxels are **refused** (such voxels mean a broken
     conversion; silently masking them would hide it); a 4D image with a single volume
@@ -117,7 +118,29 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
     from ..derivatives import image_like
 
     out = image_like(data, img, np.float32)
+    out.extra["intensity_normalised"] = note is not None  # for the dseg sidecar's IntensityNormalised
     return out, warnings
+
+
+def looks_intensity_normalised(data: np.ndarray) -> tuple[bool, float]:
+    """Whether a FLAIR's intensities were normalised (z-scored, WhiteStripe: no zero of signal).
+
+    The rule: more than :data:`NORMALISED_NEGATIVE_FRACTION` of the voxels lie below
+    ``-NEGATIVE_OF_P99`` times the 99th percentile of ``|data|`` (a scan has none beyond
+    interpolation ringing).
+
+    Parameters
+    ----------
+    data : ndarray, any shape, float32, finite
+
+    Returns
+    -------
+    (bool, float)
+        The verdict, and the fraction of voxels below that level.
+    """
+    scale = float(np.percentile(np.abs(data), 99.0))
+    frac = float(np.count_nonzero(data < -NEGATIVE_OF_P99 * scale)) / data.size
+    return scale > 0 and frac > NORMALISED_NEGATIVE_FRACTION, frac
 
 
 def restore_signal_zero(data: np.ndarray, si_axis: int = 2) -> tuple[np.ndarray, str | None]:
@@ -134,9 +157,7 @@ def restore_signal_zero(data: np.ndarray, si_axis: int = 2) -> tuple[np.ndarray,
     0.70-0.92 (abnormal WMH); shifted back, 0.96-1.00 in every class. The same FLAIRs whole-head
     and z-scored gave the scan's tri-mask already (Dice 1.00; the shift keeps >= 0.999).
 
-    An image counts as normalised when more than :data:`NORMALISED_NEGATIVE_FRACTION` of its
-    voxels are below ``-NEGATIVE_OF_P99`` times the 99th percentile of ``|data|`` (a scan has
-    none beyond interpolation ringing). Its background is the value that fills at least 99 %
+    An image counts as normalised by :func:`looks_intensity_normalised`. Its background is the value that fills at least 99 %
     of the in-plane edge faces of the volume exactly (the value skull-stripping wrote), if one
     does. The other voxels are shifted so that their 0.5th percentile (the darkest tissue, or
     air of a whole-head image) becomes 0 and clipped below at 0.1 % of their 99th
@@ -155,9 +176,8 @@ def restore_signal_zero(data: np.ndarray, si_axis: int = 2) -> tuple[np.ndarray,
         ``data`` itself when it is not normalised, with None; else the shifted copy and a note
         for the QC warnings.
     """
-    scale = float(np.percentile(np.abs(data), 99.0))
-    frac = float(np.count_nonzero(data < -NEGATIVE_OF_P99 * scale)) / data.size
-    if scale <= 0 or frac <= NORMALISED_NEGATIVE_FRACTION:
+    normalised, frac = looks_intensity_normalised(data)
+    if not normalised:
         return data, None
     edges = np.concatenate([np.take(data, end, axis=ax).ravel()
                             for ax in range(3) if ax != si_axis for end in (0, -1)])
