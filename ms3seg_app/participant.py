@@ -103,14 +103,23 @@ def anatomical_sha256(fi: FlairInput) -> dict[str, str]:
     Returns
     -------
     dict
-        Modality (``"T1w"``, ``"T2w"``; only those the FLAIR has) -> hex sha256 of its file.
-
-    Raises
-    ------
-    OSError
-        An anatomical that cannot be read.
+        Modality (``"T1w"``, ``"T2w"``; only those the FLAIR has) -> hex sha256 of its file,
+        or :data:`UNREADABLE` for one that cannot be opened (e.g. a DataLad link whose content
+        was not fetched: the FLAIR's results stand without it, until it can be read).
     """
-    return {m: sha256_file(getattr(fi, m.lower())) for m in COREGISTERED if getattr(fi, m.lower()) is not None}
+    out = {}
+    for mod in COREGISTERED:
+        path = getattr(fi, mod.lower())
+        if path is not None:
+            try:
+                out[mod] = sha256_file(path)
+            except OSError:
+                out[mod] = UNREADABLE
+    return out
+
+
+#: :func:`anatomical_sha256`'s value for an anatomical that cannot be opened.
+UNREADABLE = "unreadable"
 
 
 def _changed_since_0_3_0_fixes(path: Path) -> bool:
@@ -148,11 +157,14 @@ def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunO
         The FLAIR's sha256 if the caller has it already (hashed otherwise).
     """
     paths = expected_outputs(fi, output_dir, card, options.reports)
-    if not all(p.exists() for p in paths.values()):
-        return False
     try:
         side = json.loads(paths["dseg_json"].read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    for mod in side.get("AnatomicalsNotUsed") or {}:  # a T1w/T2w that could not be used has no outputs
+        paths.pop(mod, None)
+        paths.pop(f"{mod}_json", None)
+    if not all(p.exists() for p in paths.values()):
         return False
     if side.get("SourceSHA256") != (source_sha or sha256_file(fi.path)) or side.get("RunKey") != run_key(card, options):
         return False
@@ -375,12 +387,19 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
                         ventricle_class=card.class_index("VEN"), value_box=pred.box)
     volumes = volume_table(pred.dseg, img.affine, lesions, mask, card)
     coreg_sha = anatomical_sha256(fi)  # the files co-registration reads next, for the sidecar
-    coreg, coreg_methods = {}, {}
+    coreg, coreg_methods, not_used = {}, {}, {}
     for mod in COREGISTERED:
         src = getattr(fi, mod.lower())
         if src is not None:
-            coreg[mod], coreg_methods[mod] = timer.run(f"coregistration_{mod}", coregister_to_flair, src, img,
-                                                       "fsl" if options.skull_strip == "fsl" else "auto", work_dir)
+            try:
+                coreg[mod], coreg_methods[mod] = timer.run(
+                    f"coregistration_{mod}", coregister_to_flair, src, img,
+                    "fsl" if options.skull_strip == "fsl" else "auto", work_dir, mod)
+            except InputDataError as exc:  # an optional anatomical: the FLAIR's results stand without it
+                not_used[mod] = str(exc)
+                warnings.append(f"the {mod} was not used: {exc}")
+                for key in (mod, f"{mod}_json"):  # nor is a co-registered image of an earlier run kept
+                    paths.pop(key).unlink(missing_ok=True)
     warnings += qc_warnings(img, card, pred.box_probabilities, pred.dseg[pred.box], mask)
     t_write = time.perf_counter()
     # ---- derivatives (the dseg sidecar is the completion marker: written last)
@@ -441,7 +460,8 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     outputs = sorted(str(p.relative_to(output_dir)) for k, p in paths.items())
     atomic_write_json(paths["dseg_json"], {
         "Sources": [raw], **space, "SourceSHA256": source_sha, "RunKey": run_key(card, options),
-        "CoregisteredSHA256": coreg_sha, "IntensityNormalised": bool(img.extra["intensity_normalised"]),
+        "CoregisteredSHA256": coreg_sha, "AnatomicalsNotUsed": not_used,
+        "IntensityNormalised": bool(img.extra["intensity_normalised"]),
         "Manual": False, "Atlas": "MS3SEG tri-mask", "Description": "MS3SEG tri-mask by ms3seg-app",
         "Labels": {str(c.index): c.name for c in card.classes},
         "LesionDefinition": _lesion_definition(), "QCWarnings": result.warnings,

@@ -278,7 +278,13 @@ def _participant(opts, run_uuid: str, console) -> int:
         if getattr(fi, "error", None):
             _report_failure(prefix, fi.error, None, failed, opts.output_dir, run_uuid)
         else:
-            sha = sha256_file(fi.path)  # once per FLAIR: resume check here, sidecar in process_flair
+            try:
+                sha = sha256_file(fi.path)  # once per FLAIR: resume check here, sidecar in process_flair
+            except OSError as exc:  # e.g. a DataLad/git-annex link whose content was not fetched
+                from ..stages.checks import unreadable_input
+
+                _report_failure(prefix, unreadable_input(fi.path, exc), None, failed, opts.output_dir, run_uuid)
+                continue
             if is_complete(fi, opts.output_dir, card, options, sha):
                 LOGGER.log(IMPORTANT, "%s: skipped (outputs complete)", prefix)
                 done.append(prefix)

@@ -55,21 +55,61 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
         implausible voxel size or shape, or no orientation information. The message
         names the file and the fix.
     """
+    img, data, warnings = read_volume(path, "FLAIR")
+    zooms = nib.affines.voxel_sizes(img.affine)[:3]
+    si_axis = inferior_superior_axis(img.affine)
+    extent = data.shape[si_axis] * float(zooms[si_axis])
+    if extent < MIN_SI_COVERAGE_MM:
+        warnings.append(f"the FLAIR covers only {extent:.0f} mm from inferior to superior "
+                        f"({data.shape[si_axis]} slices); a whole brain needs about 120 mm, so ICV, volumes "
+                        "and lesion counts describe part of the brain only")
+    data, note = restore_signal_zero(data, si_axis)
+    if note:
+        warnings.append(note)
+    from ..derivatives import image_like
+
+    out = image_like(data, img, np.float32)
+    out.extra["intensity_normalised"] = note is not None  # for the dseg sidecar's IntensityNormalised
+    return out, warnings
+
+
+def read_volume(path: Path | str, modality: str) -> tuple[nib.spatialimages.SpatialImage, np.ndarray, list[str]]:
+    """Read one 3D MRI volume (FLAIR, T1w, T2w) and check it can be used; the checks of :func:`load_flair`.
+
+    Parameters
+    ----------
+    path : path of a NIfTI file
+    modality : str
+        What the image is (``"FLAIR"``, ``"T1w"``, ``"T2w"``), for the messages.
+
+    Returns
+    -------
+    (nibabel image as read, ndarray (I, J, K) float32 of its data, list of str QC warnings)
+
+    Raises
+    ------
+    InputDataError
+        Unreadable/truncated file (a broken link included), not 3D, constant, non-finite
+        voxels, implausible voxel size or shape, a singular affine, or no orientation
+        information. The message names the file and the fix.
+    """
     path = Path(path)
     warnings: list[str] = []
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
+    except FileNotFoundError as exc:
+        raise InputDataError(unreadable_input(path, exc)) from exc
     except Exception as exc:  # nibabel raises many types for broken files
         raise InputDataError(f"{path}: cannot read the image ({type(exc).__name__}: {exc}). "
                              "The file is truncated or not NIfTI; re-export it (e.g. with dcm2niix).") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputDataError(f"{path}: expected a 3D FLAIR volume, got shape {data.shape}. "
-                             "Split multi-volume files and give one 3D FLAIR per run.")
+        raise InputDataError(f"{path}: expected a 3D {modality} volume, got shape {data.shape}. "
+                             f"Split multi-volume files and give one 3D {modality} per run.")
     if min(data.shape) < 2 or max(data.shape) > MAX_DIM:
-        raise InputDataError(f"{path}: implausible image shape {data.shape} for a brain FLAIR "
+        raise InputDataError(f"{path}: implausible image shape {data.shape} for a brain {modality} "
                              f"(each axis 2..{MAX_DIM} voxels).")
     # voxel sizes of the affine, which places every voxel (resampling, volumes, distances); the
     # header's pixdim may disagree (e.g. sform-only files, where pixdim is not read)
@@ -106,20 +146,7 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
         raise InputDataError(f"{path}: the image is constant (every voxel {data.min():g}); it holds no MRI data.")
     if abs(np.linalg.det(img.affine[:3, :3])) < 1e-6:
         raise InputDataError(f"{path}: the affine is singular; fix the header (qform/sform).")
-    si_axis = inferior_superior_axis(img.affine)
-    extent = data.shape[si_axis] * float(zooms[si_axis])
-    if extent < MIN_SI_COVERAGE_MM:
-        warnings.append(f"the FLAIR covers only {extent:.0f} mm from inferior to superior "
-                        f"({data.shape[si_axis]} slices); a whole brain needs about 120 mm, so ICV, volumes "
-                        "and lesion counts describe part of the brain only")
-    data, note = restore_signal_zero(data, si_axis)
-    if note:
-        warnings.append(note)
-    from ..derivatives import image_like
-
-    out = image_like(data, img, np.float32)
-    out.extra["intensity_normalised"] = note is not None  # for the dseg sidecar's IntensityNormalised
-    return out, warnings
+    return img, data, warnings
 
 
 def looks_intensity_normalised(data: np.ndarray) -> tuple[bool, float]:
@@ -141,6 +168,13 @@ def looks_intensity_normalised(data: np.ndarray) -> tuple[bool, float]:
     scale = float(np.percentile(np.abs(data), 99.0))
     frac = float(np.count_nonzero(data < -NEGATIVE_OF_P99 * scale)) / data.size
     return scale > 0 and frac > NORMALISED_NEGATIVE_FRACTION, frac
+
+
+def unreadable_input(path: Path, exc: OSError) -> str:
+    """The message for an input file that cannot be opened (e.g. a DataLad or git-annex link whose
+    content was not fetched), naming the file and the fix."""
+    link = " (a link to content not present: `datalad get` or `git annex get` it)" if path.is_symlink() else ""
+    return f"{path}: cannot open the file{link}: {exc.strerror or exc}"
 
 
 def restore_signal_zero(data: np.ndarray, si_axis: int = 2) -> tuple[np.ndarray, str | None]:
