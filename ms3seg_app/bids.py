@@ -143,8 +143,14 @@ def _read_sidecar(path: Path, bids_dir: Path) -> tuple[dict, str | None]:
     if raw.startswith(codecs.BOM_UTF8):
         LOGGER.warning("%s starts with a UTF-8 byte-order mark (BIDS asks for UTF-8 without one); "
                        "read anyway", rel)
+    constants = []
+
+    def _null(name):  # NaN, Infinity, -Infinity: Python's json reads them, JSON does not have them
+        constants.append(name)
+        return None
+
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
+        data = json.loads(raw.decode("utf-8-sig"), parse_constant=_null)
     except UnicodeDecodeError as exc:
         return {}, f"{rel}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8 or delete it"
     except json.JSONDecodeError as exc:
@@ -153,6 +159,9 @@ def _read_sidecar(path: Path, bids_dir: Path) -> tuple[dict, str | None]:
     if not isinstance(data, dict):
         return {}, (f"{rel}: holds a JSON {type(data).__name__}, not an object of metadata; "
                     "fix or delete the sidecar")
+    if constants:
+        LOGGER.warning("%s holds %s, which JSON does not allow; read as null (write null, or leave the field out)",
+                       rel, ", ".join(sorted(set(constants))))
     return data, None
 
 

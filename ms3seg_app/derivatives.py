@@ -45,7 +45,21 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 def atomic_write_json(path: Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Write ``obj`` as JSON, atomically; NaN and infinities (which JSON does not have) as null."""
+    return atomic_write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=True, default=_json_default,
+                                              allow_nan=False) + "\n")
+
+
+def _finite(o):
+    """``o`` with every non-finite float replaced by None (hand-written: the json module has no
+    hook for floats, and writes NaN, which is not JSON and which the BIDS validator rejects)."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, (float, np.floating)) and not np.isfinite(o):
+        return None
+    return o
 
 
 def _json_default(o):
@@ -452,13 +466,39 @@ grid (space-orig). One HTML report per FLAIR at the top level; group_* tables an
 group.html from the group level; logs/ holds run logs and crash tracebacks.
 """
 
-#: Sidecar fields that may identify a person and are never copied into outputs.
-IDENTIFYING_FIELDS = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-                      "PatientWeight", "AccessionNumber", "InstitutionAddress", "ReferringPhysicianName",
-                      "PerformingPhysicianName", "OperatorsName", "StudyID", "DeviceSerialNumber",
-                      "AcquisitionDateTime", "AcquisitionDate", "StudyDate", "SeriesDate"}
+#: The sidecar fields copied into outputs (dseg sidecar ``AcquisitionMetadata``, report): the
+#: acquisition parameters of the BIDS specification's MRI metadata (scanner hardware, sequence
+#: specifics, in-plane encoding, timing, RF and contrast, slice acquisition) and dcm2niix's
+#: common acquisition fields. A list of what may be copied, not of what may not: free text
+#: (``ImageComments``, ``SeriesDescription``, ``ProtocolName``), UIDs, institution, station,
+#: serial numbers, dates and times, and patient fields can identify a person or a site visit.
+ACQUISITION_FIELDS = frozenset({
+    "Manufacturer", "ManufacturersModelName", "SoftwareVersions", "MagneticFieldStrength", "ReceiveCoilName",
+    "ReceiveCoilActiveElements", "GradientSetType", "MRTransmitCoilSequence", "MatrixCoilMode",
+    "CoilCombinationMethod", "PulseSequenceType", "ScanningSequence", "SequenceVariant", "ScanOptions",
+    "SequenceName", "PulseSequenceDetails", "NonlinearGradientCorrection", "MRAcquisitionType", "MTState",
+    "SpoilingState", "SpoilingType", "NumberShots", "ParallelReductionFactorInPlane",
+    "ParallelAcquisitionTechnique", "PartialFourier", "PartialFourierDirection", "PhaseEncodingDirection",
+    "EffectiveEchoSpacing", "TotalReadoutTime", "EchoTime", "InversionTime", "SliceEncodingDirection",
+    "DwellTime", "RepetitionTime", "FlipAngle", "NegativeContrast", "SliceThickness", "SpacingBetweenSlices",
+    "Modality", "ImagingFrequency", "PixelBandwidth", "AcquisitionMatrixPE", "ReconMatrixPE", "BaseResolution",
+    "PercentPhaseFOV", "PercentSampling", "PhaseEncodingSteps", "EchoTrainLength", "ImageType",
+    "InPlanePhaseEncodingDirectionDICOM", "ConversionSoftware", "ConversionSoftwareVersion", "SAR",
+    "BodyPartExamined", "MRAcquisitionType", "PhaseResolution", "EchoNumber",
+})
 
 
 def safe_metadata(meta: dict) -> dict:
-    """Acquisition metadata from a sidecar, without identifying DICOM fields."""
-    return {k: v for k, v in (meta or {}).items() if k not in IDENTIFYING_FIELDS}
+    """The acquisition parameters of a sidecar (:data:`ACQUISITION_FIELDS`), nothing else.
+
+    Parameters
+    ----------
+    meta : dict or None
+        The FLAIR's sidecar metadata (BIDS inheritance applied).
+
+    Returns
+    -------
+    dict
+        The fields of ``meta`` named in :data:`ACQUISITION_FIELDS`, values as read.
+    """
+    return {k: v for k, v in (meta or {}).items() if k in ACQUISITION_FIELDS}

@@ -79,3 +79,43 @@ def test_a_truncated_or_4d_t1w_is_left_out_with_the_reason(tmp_path, tiny_model)
     assert _run([bids, out, *args]) == 0
     meta = json.loads(side.read_text())
     assert "expected a 3D T1w volume" in meta["AnatomicalsNotUsed"]["T1w"] and not coreg.exists()
+
+
+def test_only_acquisition_parameters_of_the_sidecar_reach_the_outputs_and_nan_is_written_as_null(tmp_path,
+                                                                                                   tiny_model):
+    """Free text (``ImageComments`` with a name and birth date), UIDs, institution and times were
+    copied into the dseg sidecar and the report; a ``NaN`` in the input sidecar made the output
+    sidecar invalid JSON (``JSON_INVALID`` for the BIDS validator)."""
+    bids, out = _dataset(tmp_path, ("02",)), tmp_path / "out"
+    sidecar = bids / "sub-02" / "anat" / "sub-02_FLAIR.json"
+    meta = json.loads(sidecar.read_text())
+    private = {"ImageComments": "John Doe 1970-01-01", "StudyInstanceUID": "1.2.3.4", "SeriesInstanceUID": "1.2.3.5",
+               "InstitutionName": "Clinic of Somewhere", "AcquisitionTime": "10:11:12", "PatientSize": 1.8,
+               "StationName": "MR-ROOM-2"}
+    sidecar.write_text(json.dumps({**meta, **private, "MagneticFieldStrength": 3, "EchoTime": 0.1})[:-1]
+                       + ', "SAR": NaN}')
+    assert _run([bids, out, *[a for a in _args(tiny_model) if a != "--no-reports"]]) == 0
+    side = out / "sub-02" / "anat" / "sub-02_space-orig_desc-trimask_dseg.json"
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    written = json.loads(side.read_text(), parse_constant=refuse)  # valid JSON: no NaN
+    acq = written["AcquisitionMetadata"]
+    assert acq["MagneticFieldStrength"] == 3 and acq["EchoTime"] == 0.1 and acq["SAR"] is None
+    assert not set(private) & set(acq)
+    html = next(out.glob("sub-02*.html")).read_text()
+    for value in ("John Doe", "1.2.3.4", "Clinic of Somewhere", "MR-ROOM-2"):
+        assert value not in html and value not in side.read_text()
+
+
+def test_the_next_command_is_quoted_for_the_shell(tmp_path, tiny_model, caplog):
+    import logging
+    import shlex
+
+    bids = _dataset(tmp_path / "my data é", ("02",))
+    out = tmp_path / "out dir"
+    with caplog.at_level(logging.INFO, logger="ms3seg"):
+        assert _run([bids, out, *_args(tiny_model)]) == 0
+    line = next(r.getMessage() for r in caplog.records if "next: ms3seg" in r.getMessage())
+    assert shlex.split(line.split("next: ", 1)[1]) == ["ms3seg", str(bids), str(out), "group"]

@@ -350,8 +350,10 @@ def _participant(opts, run_uuid: str, console) -> int:
     LOGGER.log(IMPORTANT, "finished: %d succeeded, %d failed%s", len(done), len(failed),
                "".join(f"\n  {p}: {m}" for p, m in failed))
     if done:
+        import shlex
+
         LOGGER.log(IMPORTANT, "outputs: %s (reports: %s); next: ms3seg %s %s group", opts.output_dir,
-                   opts.output_dir / "sub-*.html", opts.bids_dir, opts.output_dir)
+                   opts.output_dir / "sub-*.html", shlex.quote(str(opts.bids_dir)), shlex.quote(str(opts.output_dir)))
     return 1 if failed else 0
 
 
