@@ -77,6 +77,10 @@ def run_key(card: ModelCard, options: RunOptions) -> str:
         opts["members"] = list(members)
     # the crop is always in the key: results of the previous rule (one crop for the whole stack,
     # sidecars without InferenceCrop) differ slightly from the per-slice crops, so are recomputed
+    # The report changes no result: every key is that of a run with reports (the default, so its
+    # key is as before), and --no-reports redoes nothing; a missing report makes a FLAIR
+    # incomplete where reports are asked for (expected_outputs)
+    opts["reports"] = True
     key = {"model_card_sha256": card.sha256, "ms3seg_app": __version__, **opts}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -341,10 +345,13 @@ def process_flair(fi: FlairInput, predictor, output_dir: Path, options: RunOptio
         # fails or is killed part-way leaves the FLAIR incomplete (the group level flags it),
         # never this run's first tables beside the previous run's sidecar
         paths["dseg_json"].unlink(missing_ok=True)
-        # co-registered images of a T1w/T2w no longer there (removed, or filtered out) go too
+        # co-registered images of a T1w/T2w no longer there (removed, or filtered out) go too, and
+        # with --no-reports an earlier report, which would show the previous results
         every = flair_outputs(fi.entities, output_dir, modalities=COREGISTERED)
         for key in (k for m in COREGISTERED for k in (m, f"{m}_json") if k not in paths):
             every[key].unlink(missing_ok=True)
+        if "report" not in paths:
+            every["report"].unlink(missing_ok=True)
         return _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, paths, prefix, timer,
                                source_sha, t0)
 

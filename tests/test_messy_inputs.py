@@ -119,3 +119,24 @@ def test_the_next_command_is_quoted_for_the_shell(tmp_path, tiny_model, caplog):
         assert _run([bids, out, *_args(tiny_model)]) == 0
     line = next(r.getMessage() for r in caplog.records if "next: ms3seg" in r.getMessage())
     assert shlex.split(line.split("next: ", 1)[1]) == ["ms3seg", str(bids), str(out), "group"]
+
+
+def test_no_reports_redoes_nothing_and_a_redone_flair_loses_its_old_report(tmp_path, tiny_model):
+    """``--no-reports`` was part of the run key: toggling it recomputed every FLAIR, and a FLAIR
+    redone without reports kept the earlier report, which showed the earlier results."""
+    bids, out = _dataset(tmp_path, ("02",)), tmp_path / "out"
+    with_reports = [a for a in _args(tiny_model) if a != "--no-reports"]
+    assert _run([bids, out, *with_reports]) == 0
+    side = out / "sub-02" / "anat" / "sub-02_space-orig_desc-trimask_dseg.json"
+    report = out / "sub-02.html"
+    assert report.is_file()
+    before = side.read_bytes()
+    assert _run([bids, out, *_args(tiny_model)]) == 0
+    assert side.read_bytes() == before and report.is_file()  # not redone
+    flair = bids / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"
+    img = nib.load(str(flair))
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj) * 1.01, img.affine, img.header), str(flair))
+    assert _run([bids, out, *_args(tiny_model)]) == 0
+    assert side.read_bytes() != before and not report.exists()  # redone: the old report went
+    assert _run([bids, out, *with_reports]) == 0
+    assert report.is_file()
