@@ -10,7 +10,8 @@ Outputs (listed in ``.bidsignore``):
   lesion counts by location, QC flags, ``participants.tsv`` covariates joined in.
 - ``group_desc-trimask_stats.tsv``: the statistical tests (see :func:`statistics`).
 - ``group_desc-trimask_agebands.tsv``: burden by age band.
-- ``group_desc-trimask_longitudinal.tsv``: change between consecutive sessions.
+- ``group_desc-trimask_longitudinal.tsv``: change between consecutive sessions, in the
+  order of :func:`order_sessions` (``sessions.tsv`` acquisition times, else labels).
 - ``group_desc-trimask_qc.tsv``: failed/missing participants and flagged FLAIRs.
 - ``group.html``: the report.
 
@@ -21,8 +22,10 @@ change; its row stays in the volumes table.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,141 @@ OUTLIER_Z = 3.5
 
 def _tsv(df: pd.DataFrame) -> str:
     return df.to_csv(sep="\t", index=False, float_format="%.6g", na_rep="n/a")
+
+
+def _read_tsv(path: Path, unread: str, **kwargs) -> pd.DataFrame | None:
+    """A BIDS TSV file of the dataset, or None (with a warning that ends with ``unread``) if it
+    cannot be read. BIDS asks for UTF-8; a file that is not (Latin-1 / Windows-1252, as
+    spreadsheet programs save) is read as Windows-1252 with a warning: its values (optional
+    covariates, session times) are more useful than a refusal."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        LOGGER.warning("%s not read (%s): %s", path, exc, unread)
+        return None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
+        LOGGER.warning("%s is not UTF-8 text as BIDS requires: read as Latin-1/Windows-1252; check its "
+                       "accented values and save it as UTF-8", path)
+    try:
+        return pd.read_csv(io.StringIO(text), sep="\t", keep_default_na=False, na_values=["n/a", ""], **kwargs)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        LOGGER.warning("%s not read (%s): %s", path, " ".join(str(exc).split()) or type(exc).__name__, unread)
+        return None
+
+
+def read_participants(bids_dir: Path) -> pd.DataFrame:
+    """The dataset's ``participants.tsv``: one row per participant, for the covariates and the
+    list of participants expected to have results.
+
+    A participant listed twice keeps the first row (with a warning); a file that cannot be
+    read or has no ``participant_id`` column is ignored with a warning (:func:`_read_tsv` for
+    the text encoding).
+
+    Parameters
+    ----------
+    bids_dir : Path
+        The BIDS dataset.
+
+    Returns
+    -------
+    DataFrame
+        ``participant_id`` (str, e.g. ``sub-01``) and the file's other columns (numbers where
+        a column holds only numbers, ``n/a`` as missing); no rows (and only ``participant_id``)
+        where the file is absent or ignored.
+    """
+    path = Path(bids_dir) / "participants.tsv"
+    unread = "no covariates are joined and no participant is listed as missing"
+    table = _read_tsv(path, unread, dtype={"participant_id": str}) if path.is_file() else None
+    if table is not None and "participant_id" not in table:
+        LOGGER.warning("%s has no participant_id column (columns: %s): %s", path,
+                       ", ".join(map(str, table.columns[:10])), unread)
+        table = None
+    if table is None:
+        return pd.DataFrame(columns=["participant_id"])
+    table = table.dropna(subset=["participant_id"]).assign(participant_id=lambda t: t["participant_id"].str.strip())
+    repeated = table["participant_id"][table["participant_id"].duplicated()].unique().tolist()
+    if repeated:
+        LOGGER.warning("%s lists %d participant(s) more than once (%s%s): the first row of each is used",
+                       path, len(repeated), ", ".join(repeated[:10]), " ..." if len(repeated) > 10 else "")
+    return table.drop_duplicates("participant_id").reset_index(drop=True)
+
+
+def _acq_times(bids_dir: Path, participant_id: str, sessions: list[str]) -> tuple[list | None, bool]:
+    """The ``acq_time`` of each of a participant's ``sessions`` from
+    ``sub-<label>/sub-<label>_sessions.tsv`` (found by path: the group level builds no pybids
+    layout); ``(None, has_acq_time)`` unless every session has its own parseable time."""
+    path = Path(bids_dir) / participant_id / f"{participant_id}_sessions.tsv"
+    table = _read_tsv(path, f"sessions of {participant_id} ordered by their labels", dtype=str) \
+        if path.is_file() else None
+    if table is None or not {"session_id", "acq_time"} <= set(table.columns):
+        return None, False
+    ids = table["session_id"].fillna("").str.strip()
+    ids = ids.where(ids.str.startswith("ses-"), "ses-" + ids)
+    # ISO 8601 as BIDS writes it (optional fractional seconds and zone); times without a zone as UTC
+    times = pd.to_datetime(table["acq_time"].str.strip(), format="ISO8601", utc=True, errors="coerce")
+    found = dict(zip(ids[::-1], times[::-1]))  # the first row of a session listed twice
+    out = [found.get(s, pd.NaT) for s in sessions]
+    return (None if any(pd.isna(t) for t in out) or len(set(out)) < len(out) else out), True
+
+
+def _label_or_number(values: pd.Series) -> pd.Series:
+    return values if pd.api.types.is_numeric_dtype(values) else label_sort_key(values)
+
+
+def order_sessions(df: pd.DataFrame, bids_dir: Path | None = None) -> pd.DataFrame:
+    """The FLAIR rows in session order: the one order of the group level (tables, baseline,
+    longitudinal change).
+
+    Participants in the order of their labels' numbers; each participant's sessions by
+    ``acq_time`` of ``sub-<label>/sub-<label>_sessions.tsv`` in ``bids_dir`` where it gives
+    every session of the participant a distinct, parseable ISO 8601 time, else by their
+    labels' numbers (``ses-2`` before ``ses-10``; rows without a session first); then
+    ``acq`` and ``run``. A participant whose sessions are ordered by labels without numbers
+    (``pre``/``post``), or whose ``acq_time`` values cannot be used, is named in a warning.
+    Rows that already carry ``session_rank`` (this function's output) are only sorted again.
+
+    Parameters
+    ----------
+    df : DataFrame
+        One row per FLAIR with ``participant_id`` and ``session_id`` (``n/a`` without
+        sessions); ``acq`` and ``run`` where present.
+    bids_dir : Path or None
+        The BIDS dataset; ``None``: sessions by their labels, without warnings.
+
+    Returns
+    -------
+    DataFrame
+        The rows sorted, with ``session_rank`` (int, 0 for the participant's first session;
+        -1 without a session) and ``session_order`` (``"acq_time"`` or ``"label"``) added.
+    """
+    if "session_rank" not in df:
+        df = df if "session_id" in df else df.assign(session_id="n/a")
+        rank, how, unclear = {}, {}, []
+        pairs = df.loc[df["session_id"] != "n/a", ["participant_id", "session_id"]].drop_duplicates()
+        for sub, labels in pairs.sort_values(["participant_id", "session_id"], key=label_sort_key) \
+                .groupby("participant_id", sort=False)["session_id"]:
+            labels = labels.tolist()
+            times, has_acq_time = _acq_times(bids_dir, sub, labels) if bids_dir is not None and len(labels) > 1 \
+                else (None, False)
+            if times is not None:
+                labels = [s for _, s in sorted(zip(times, labels))]
+            elif bids_dir is not None and len(labels) > 1 and (
+                    has_acq_time or not all(re.search(r"\d", s.removeprefix("ses-")) for s in labels)):
+                unclear.append(sub)
+            how[sub] = "acq_time" if times is not None else "label"
+            rank.update({(sub, s): i for i, s in enumerate(labels)})
+        if unclear:
+            LOGGER.warning("the sessions of %s are ordered by their labels, which need not be the order of "
+                           "acquisition (the baseline and the longitudinal change follow it): give each of their "
+                           "sessions a distinct acq_time in sub-<label>/sub-<label>_sessions.tsv",
+                           ", ".join(unclear[:10]) + (f" and {len(unclear) - 10} more" if len(unclear) > 10 else ""))
+        df = df.assign(session_rank=[rank.get(k, -1) for k in zip(df["participant_id"], df["session_id"])],
+                       session_order=[how.get(p, "label") for p in df["participant_id"]])
+    keys = ["participant_id", "session_rank"] + [c for c in ("acq", "run") if c in df]
+    return df.sort_values(keys, key=_label_or_number, kind="stable").reset_index(drop=True)
 
 
 def missing_outputs(output_dir: Path, sidecar: Path, meta: dict | None) -> list[str] | None:
@@ -124,7 +262,8 @@ def inference_options(meta: dict) -> str:
 
 
 def collect_volumes(output_dir: Path) -> pd.DataFrame:
-    """Concatenate every ``*_desc-trimask_volumes.tsv`` under ``output_dir`` (sorted, deterministic).
+    """Concatenate every ``*_desc-trimask_volumes.tsv`` under ``output_dir`` (sorted by labels,
+    deterministic; :func:`order_sessions` puts sessions in acquisition order).
 
     Also reads each FLAIR's dseg sidecar for the source hash and QC warnings, and checks
     that the FLAIR's results are complete (:func:`missing_outputs`).
@@ -258,7 +397,8 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
     return df
 
 
-def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> pd.DataFrame:
+def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame,
+                       participants: pd.DataFrame | None = None) -> pd.DataFrame:
     """Participants of ``participants.tsv`` without results, and FLAIRs with crash logs.
 
     The participant level moves a FLAIR's crash logs to ``logs/resolved/`` once it succeeds
@@ -267,6 +407,24 @@ def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> pd
     them there) the FLAIR's results are complete (``df["qc_incomplete"]`` false) and their
     dseg sidecar is newer than the crash log. A FLAIR whose rerun failed is listed, even
     where an earlier run's tables are still there.
+
+    Parameters
+    ----------
+    output_dir : Path
+        The participant level's output folder.
+    bids_dir : Path
+        The BIDS dataset.
+    df : DataFrame
+        The group table (:func:`collect_volumes`): ``participant_id``, ``prefix``, and where
+        present ``qc_incomplete``, ``session_id`` and ``session_rank`` (:func:`order_sessions`).
+    participants : DataFrame or None
+        :func:`read_participants` of ``bids_dir`` if the caller has read it; else read here.
+
+    Returns
+    -------
+    DataFrame
+        ``participant_id``, ``flair`` (the FLAIR's prefix; ``n/a`` for a participant without
+        results) and ``problem``; by participant, then in session order.
     """
     from .derivatives import flair_entities, flair_outputs
 
@@ -287,13 +445,16 @@ def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> pd
         crashed.add(prefix.split("_")[0])
         rows.append({"participant_id": prefix.split("_")[0], "flair": prefix,
                      "problem": "failed: " + (lines[-1][:300] if lines else "see " + crash.name)})
-    pt = Path(bids_dir) / "participants.tsv"
-    if pt.is_file():
-        listed = pd.read_csv(pt, sep="\t", dtype=str, keep_default_na=False)["participant_id"]
-        for p in sorted(set(listed) - set(df["participant_id"]) - crashed):
-            rows.append({"participant_id": p, "flair": "n/a", "problem": "no participant-level result"})
-    out = pd.DataFrame(rows, columns=["participant_id", "flair", "problem"])
-    return out.drop_duplicates().sort_values(["participant_id", "flair"], key=label_sort_key).reset_index(drop=True)
+    listed = (read_participants(bids_dir) if participants is None else participants)["participant_id"]
+    for p in sorted(set(listed) - set(df["participant_id"]) - crashed):
+        rows.append({"participant_id": p, "flair": "n/a", "problem": "no participant-level result"})
+    out = pd.DataFrame(rows, columns=["participant_id", "flair", "problem"]).drop_duplicates()
+    # in the group table's session order; sessions without any result after the others
+    rank = dict(zip(zip(df["participant_id"], df["session_id"]), df["session_rank"])) if "session_rank" in df else {}
+    out["session_rank"] = [rank.get((p, f"ses-{flair_entities(f).get('session')}"), len(rank))
+                           for p, f in zip(out["participant_id"], out["flair"])]
+    return out.sort_values(["participant_id", "session_rank", "flair"], key=_label_or_number) \
+        .drop(columns="session_rank").reset_index(drop=True)
 
 
 def age_band(age) -> str:
@@ -309,8 +470,21 @@ def age_band(age) -> str:
 
 
 def baseline(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per participant (first session, acq, run): the unit of the cross-sectional tests."""
-    return df.sort_values(KEYS, key=label_sort_key).groupby("participant_id", as_index=False).first()
+    """One row per participant, the unit of the cross-sectional tests: its first FLAIR in
+    session order (first session, then acq, run), taken whole.
+
+    Parameters
+    ----------
+    df : DataFrame
+        One row per FLAIR; in the order of :func:`order_sessions` (``session_rank``) if it has
+        been applied with the BIDS dataset, else sessions by their labels.
+
+    Returns
+    -------
+    DataFrame, one row per participant with all of ``df``'s columns (a missing value stays
+    missing: never filled from another session).
+    """
+    return order_sessions(df).drop_duplicates("participant_id").reset_index(drop=True)
 
 
 def mann_whitney(a, b) -> dict:
@@ -436,15 +610,12 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
         If ``output_dir`` holds no participant results.
     """
     output_dir = Path(output_dir)
-    df = collect_volumes(output_dir)
+    df = order_sessions(collect_volumes(output_dir), bids_dir)
     df = add_qc_flags(df, None, _model_geometries(output_dir, df)).drop(columns=["qc_incomplete_message"], errors="ignore")  # now in qc_flags
-    pt = Path(bids_dir) / "participants.tsv"
-    if pt.is_file():
-        cov = pd.read_csv(pt, sep="\t", dtype={"participant_id": str}, keep_default_na=False,
-                          na_values=["n/a", ""])
-        cov = cov.drop(columns=[c for c in cov.columns if c in df.columns and c != "participant_id"])
-        df = df.merge(cov, on="participant_id", how="left")
-    qc = missing_and_failed(output_dir, bids_dir, df)
+    cov = read_participants(bids_dir)
+    cov = cov.drop(columns=[c for c in cov.columns if c in df.columns and c != "participant_id"])
+    df = df.merge(cov, on="participant_id", how="left")
+    qc = missing_and_failed(output_dir, bids_dir, df, cov)
     flagged = df[df["qc_flags"] != ""]
     qc = pd.concat([qc, pd.DataFrame({"participant_id": flagged["participant_id"],
                                       "flair": flagged["prefix"],
@@ -470,7 +641,7 @@ def run_group(bids_dir: Path, output_dir: Path, longitudinal: bool = True, repor
 
         long = longitudinal_changes(complete, bids_dir, output_dir, classes)
     out = output_dir / GROUP_TABLE
-    atomic_write_text(out, _tsv(df))
+    atomic_write_text(out, _tsv(df.drop(columns=["session_rank", "session_order"])))
     atomic_write_text(output_dir / STATS_TABLE, _tsv(tests))
     atomic_write_text(output_dir / AGEBAND_TABLE, _tsv(bands))
     atomic_write_text(output_dir / LONG_TABLE, _tsv(long))

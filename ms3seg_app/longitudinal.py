@@ -1,7 +1,9 @@
 """Longitudinal change between consecutive sessions of a participant.
 
-For each participant with several sessions (sorted by session label), each later FLAIR
-is rigidly registered to the previous one (ANTsPy, mutual information) and its
+For each participant with several sessions (in the order of
+:func:`~ms3seg_app.group.order_sessions`: acquisition time from ``sessions.tsv``, else the
+labels' numbers), the first FLAIR of each later session (by acq, run) is rigidly
+registered to that of the previous one (ANTsPy, mutual information) and its
 tri-mask is resampled onto the earlier grid (nearest label). Then, with 26-connected
 lesions as :data:`~ms3seg_app.lesion_definition.LESION` defines them:
 
@@ -96,14 +98,30 @@ def _paths(row, bids_dir: Path, output_dir: Path) -> tuple[Path, Path]:
 def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path, classes=None) -> pd.DataFrame:
     """Change between consecutive sessions of every participant with several sessions.
 
-    ``classes``: the run's class table (:func:`~ms3seg_app.derivatives.read_class_table`), if
-    the caller has read it; else it is read here. Its lesion class is the label compared.
+    Each session is represented by its first FLAIR (by ``acq``, then ``run``), all of whose
+    values are used (never values of another FLAIR of the session).
+
+    Parameters
+    ----------
+    df : DataFrame
+        The group table, one row per FLAIR; sessions in the order of
+        :func:`~ms3seg_app.group.order_sessions` (read here from ``bids_dir`` unless ``df``
+        already carries its ``session_rank``).
+    bids_dir : Path
+        The BIDS dataset (input FLAIRs; ``sessions.tsv`` acquisition times).
+    output_dir : Path
+        The participant level's output folder (tri-masks, class table).
+    classes : list or None
+        The run's class table (:func:`~ms3seg_app.derivatives.read_class_table`), if the
+        caller has read it; else it is read here. Its lesion class is the label compared.
 
     Returns
     -------
-    DataFrame: participant_id, session_from, session_to, ``delta_<volume>`` (mL) for
-    abnormal WMH, normal WMH and ventricles, n_new_lesions, n_enlarging_lesions,
-    new_lesion_volume_mm3, registration ("antspy-rigid" or the error).
+    DataFrame: participant_id, session_from, session_to, session_order (``"acq_time"``:
+    sessions ordered by ``sessions.tsv`` acquisition times; ``"label"``: by their labels),
+    ``delta_<volume>`` (mL, later minus earlier) for abnormal WMH, normal WMH and ventricles,
+    n_new_lesions, n_enlarging_lesions, new_lesion_volume_mm3 (mm³), registration
+    ("antspy-rigid" or the error).
     """
     import nibabel as nib
 
@@ -117,16 +135,16 @@ def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path, cla
     except (OSError, ModelError, KeyError, ValueError) as exc:
         lesion, why = None, f"no lesion label ({exc})"
 
-    rows = []
-    from .bids import label_sort_key
+    from .group import order_sessions
 
-    # sessions in the order of their labels' numbers (ses-2 before ses-10)
-    ses = df[df["session_id"] != "n/a"].sort_values(["participant_id", "session_id", "acq", "run"],
-                                                    key=label_sort_key)
-    for sub, g in ses.groupby("participant_id"):
-        g = g.groupby("session_id", as_index=False, sort=False).first()
+    rows = []
+    ses = order_sessions(df, bids_dir)
+    ses = ses[ses["session_id"] != "n/a"]
+    for sub, g in ses.groupby("participant_id", sort=False):
+        g = g.drop_duplicates("session_id")  # the first FLAIR of each session, whole
         for (_, a), (_, b) in zip(g.iloc[:-1].iterrows(), g.iloc[1:].iterrows()):
-            row = {"participant_id": sub, "session_from": a["session_id"], "session_to": b["session_id"]}
+            row = {"participant_id": sub, "session_from": a["session_id"], "session_to": b["session_id"],
+                   "session_order": a["session_order"]}
             for v in VOLUMES:
                 row[f"delta_{v}"] = float(b[v]) - float(a[v])
             try:
@@ -144,6 +162,6 @@ def longitudinal_changes(df: pd.DataFrame, bids_dir: Path, output_dir: Path, cla
                 row.update({"n_new_lesions": np.nan, "n_enlarging_lesions": np.nan,
                             "new_lesion_volume_mm3": np.nan, "registration": f"failed: {exc}"[:200]})
             rows.append(row)
-    cols = ["participant_id", "session_from", "session_to"] + [f"delta_{v}" for v in VOLUMES] + \
+    cols = ["participant_id", "session_from", "session_to", "session_order"] + [f"delta_{v}" for v in VOLUMES] + \
         ["n_new_lesions", "n_enlarging_lesions", "new_lesion_volume_mm3", "registration"]
     return pd.DataFrame(rows, columns=cols)

@@ -174,16 +174,23 @@ def figures(df: pd.DataFrame, long: pd.DataFrame, classes=None) -> list[dict]:
 
     multi = df[df["session_id"] != "n/a"].groupby("participant_id").filter(lambda g: g["session_id"].nunique() > 1)
     if len(multi):
-        order = multi["session_id"].drop_duplicates().sort_values(key=label_sort_key).tolist()
-        position = {s: i for i, s in enumerate(order)}
+        if "session_order" in multi and (multi["session_order"] == "acq_time").any():
+            # some participants' sessions are in acquisition order (group.order_sessions): each
+            # session at its rank; a tick names the session where all participants agree on it
+            x = multi["session_rank"]
+            order = [(lambda u: u[0] if len(u) == 1 else f"#{r + 1}")(multi.loc[x == r, "session_id"].unique())
+                     for r in range(int(x.max()) + 1)]
+        else:
+            # sessions at their places in the labels' numeric order (a categorical axis would
+            # take them in the order they first appear over the participants)
+            order = multi["session_id"].drop_duplicates().sort_values(key=label_sort_key).tolist()
+            x = multi["session_id"].map({s: i for i, s in enumerate(order)})
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
         for ax, (col, name) in zip(axes, [("abnormal_wmh_ml", "Abnormal WMH"), ("normal_wmh_ml", "Normal WMH"),
                                           ("ventricles_ml", "Ventricles")]):
-            for sub, g in multi.groupby("participant_id"):
-                g = g.sort_values("session_id", key=label_sort_key)
-                ax.plot(g["session_id"].map(position), g[col], marker="o", label=sub)
-            # sessions at their places in the labels' numeric order (a categorical axis would
-            # take them in the order they first appear over the participants)
+            for sub, g in multi.assign(x=x).groupby("participant_id"):
+                g = g.sort_values("x", kind="stable")
+                ax.plot(g["x"], g[col], marker="o", label=sub)
             ax.set_xticks(range(len(order)), order, rotation=45 if len(order) > 6 else 0)
             ax.set_title(name)
             ax.set_ylabel("mL")
