@@ -45,7 +45,21 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 def atomic_write_json(path: Path, obj) -> Path:
-    """Write ``obj`` as JSON, atomically; NaN and infinities (which JSON does not have) as null."""
+    """Write ``obj`` as JSON (indented, keys sorted), atomically.
+
+    Parameters
+    ----------
+    path : Path
+        The file to write (replaced whole, or left as it was).
+    obj : dict, list or scalar
+        JSON-like; numpy integers and floats and Paths are converted, NaN and infinities
+        (which JSON does not have: the BIDS validator rejects them) are written as null.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     return atomic_write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=True, default=_json_default,
                                               allow_nan=False) + "\n")
 
@@ -484,7 +498,7 @@ ACQUISITION_FIELDS = frozenset({
     "Modality", "ImagingFrequency", "PixelBandwidth", "AcquisitionMatrixPE", "ReconMatrixPE", "BaseResolution",
     "PercentPhaseFOV", "PercentSampling", "PhaseEncodingSteps", "EchoTrainLength", "ImageType",
     "InPlanePhaseEncodingDirectionDICOM", "ConversionSoftware", "ConversionSoftwareVersion", "SAR",
-    "BodyPartExamined", "MRAcquisitionType", "PhaseResolution", "EchoNumber",
+    "BodyPartExamined", "PhaseResolution", "EchoNumber",
 })
 
 

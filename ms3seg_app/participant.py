@@ -71,6 +71,12 @@ def run_key(card: ModelCard, options: RunOptions) -> str:
     The model card's sha256 covers every member's weights and every preprocessing and
     post-processing parameter.
     """
+    return _run_key(card, options, reports=True)
+
+
+def _run_key(card: ModelCard, options: RunOptions, reports: bool) -> str:
+    """:func:`run_key`, with ``reports`` as the key's value of the option (runs with
+    ``--no-reports`` before 2026-12-03 wrote the key with False)."""
     opts = asdict(options)
     members = card.member_indices(opts.pop("members"))
     if members != card.member_indices():  # all members keeps the key of runs made before the option
@@ -80,7 +86,7 @@ def run_key(card: ModelCard, options: RunOptions) -> str:
     # The report changes no result: every key is that of a run with reports (the default, so its
     # key is as before), and --no-reports redoes nothing; a missing report makes a FLAIR
     # incomplete where reports are asked for (expected_outputs)
-    opts["reports"] = True
+    opts["reports"] = reports
     key = {"model_card_sha256": card.sha256, "ms3seg_app": __version__, **opts}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -136,11 +142,12 @@ def _changed_since_0_3_0_fixes(path: Path) -> bool:
     return inferior_superior_axis(img.affine) != 2 or pixdim_disagrees(img)[0]
 
 
-def _intensity_normalised(path: Path) -> bool:
-    """Whether :func:`~ms3seg_app.stages.load_flair` restores this FLAIR's zero of signal."""
+def _signal_zero_restored(path: Path) -> bool:
+    """Whether :func:`~ms3seg_app.stages.load_flair` restores this FLAIR's zero of signal
+    (:func:`~ms3seg_app.stages.checks.restore_signal_zero`)."""
     from .stages import load_flair
 
-    return bool(load_flair(path)[0].extra["intensity_normalised"])
+    return bool(load_flair(path)[0].extra["signal_zero_restored"])
 
 
 def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunOptions,
@@ -170,7 +177,9 @@ def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunO
         paths.pop(f"{mod}_json", None)
     if not all(p.exists() for p in paths.values()):
         return False
-    if side.get("SourceSHA256") != (source_sha or sha256_file(fi.path)) or side.get("RunKey") != run_key(card, options):
+    # results made with --no-reports before it left the key (2026-12-03) carry its old key
+    keys = (run_key(card, options), _run_key(card, options, reports=False))
+    if side.get("SourceSHA256") != (source_sha or sha256_file(fi.path)) or side.get("RunKey") not in keys:
         return False
     try:
         if "CoregisteredSHA256" not in side:
@@ -181,9 +190,9 @@ def is_complete(fi: FlairInput, output_dir: Path, card: ModelCard, options: RunO
                 return False
         elif side["CoregisteredSHA256"] != anatomical_sha256(fi):
             return False
-        # made before intensity-normalised FLAIRs got their zero back (load_flair, 2026-12-03):
-        # redone if this FLAIR is one (its data are read: only for such older sidecars)
-        return "IntensityNormalised" in side or not _intensity_normalised(fi.path)
+        # made before FLAIRs without a zero of signal got it back (load_flair, 2026-12-03): redone
+        # if this FLAIR is one (its data are read, at every resume, for such older sidecars only)
+        return "SignalZeroRestored" in side or not _signal_zero_restored(fi.path)
     except (OSError, ValueError, nib.filebasedimages.ImageFileError, InputDataError):
         return False  # unreadable or refused: process_flair fails it alone
 
@@ -468,7 +477,7 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
     atomic_write_json(paths["dseg_json"], {
         "Sources": [raw], **space, "SourceSHA256": source_sha, "RunKey": run_key(card, options),
         "CoregisteredSHA256": coreg_sha, "AnatomicalsNotUsed": not_used,
-        "IntensityNormalised": bool(img.extra["intensity_normalised"]),
+        "SignalZeroRestored": bool(img.extra["signal_zero_restored"]),
         "Manual": False, "Atlas": "MS3SEG tri-mask", "Description": "MS3SEG tri-mask by ms3seg-app",
         "Labels": {str(c.index): c.name for c in card.classes},
         "LesionDefinition": _lesion_definition(), "QCWarnings": result.warnings,

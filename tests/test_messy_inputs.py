@@ -140,3 +140,44 @@ def test_no_reports_redoes_nothing_and_a_redone_flair_loses_its_old_report(tmp_p
     assert side.read_bytes() != before and not report.exists()  # redone: the old report went
     assert _run([bids, out, *with_reports]) == 0
     assert report.is_file()
+
+
+def test_results_made_with_no_reports_before_it_left_the_run_key_stay_complete(tmp_path, tiny_model):
+    import dataclasses
+
+    from ms3seg_app.model.card import load_card
+    from ms3seg_app.participant import RunOptions, _run_key, run_key
+
+    bids, out = _dataset(tmp_path, ("02",)), tmp_path / "out"
+    assert _run([bids, out, *_args(tiny_model)]) == 0
+    side = out / "sub-02" / "anat" / "sub-02_space-orig_desc-trimask_dseg.json"
+    meta = json.loads(side.read_text())
+    card = load_card(tiny_model)
+    options = RunOptions(skull_strip="none")
+    assert meta["RunKey"] == run_key(card, options) == run_key(card, dataclasses.replace(options, reports=False))
+    meta["RunKey"] = _run_key(card, options, reports=False)  # as such runs wrote it before
+    assert meta["RunKey"] != run_key(card, options)
+    side.write_text(json.dumps(meta))
+    before = side.read_bytes()
+    assert _run([bids, out, *_args(tiny_model)]) == 0
+    assert side.read_bytes() == before
+
+
+def test_deepbet_finds_the_brain_of_a_flair_zero_padded_onto_a_large_grid():
+    """deepbet resamples the whole grid to 128^3: padded to 768x768, the head was a few voxels
+    wide there and the mask took 1.5 M voxels of padding (ICV 14,493 instead of 1,852 mL)."""
+    from conftest import ROOT
+    from ms3seg_app.stages import brain_mask
+
+    img = nib.load(str(ROOT / "bids_example" / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"))
+    data = np.asarray(img.dataobj, np.float32)
+    ref, method, _ = brain_mask(nib.Nifti1Image(data, img.affine), "deepbet")
+    pad = 256
+    big = np.zeros((data.shape[0] + 2 * pad, data.shape[1] + 2 * pad, data.shape[2]), np.float32)
+    big[pad:-pad, pad:-pad] = data
+    shift = np.eye(4)
+    shift[:2, 3] = -pad
+    mask, _, _ = brain_mask(nib.Nifti1Image(big, img.affine @ shift), "deepbet")
+    assert not mask[:pad].any() and not mask[-pad:].any() and not mask[:, :pad].any() and not mask[:, -pad:].any()
+    inner = mask[pad:-pad, pad:-pad]
+    assert 2 * np.count_nonzero(inner & ref) / (np.count_nonzero(inner) + np.count_nonzero(ref)) > 0.97

@@ -22,7 +22,9 @@ def hostile_dataset(tmp_path):
     shutil.copytree(EXAMPLE, bids)
     side = bids / "sub-02" / "anat" / "sub-02_FLAIR.json"
     meta = json.loads(side.read_text())
-    meta.update({"SeriesDescription": EVIL, "PatientName": "Doe^Jane", "PatientBirthDate": "19700101"})
+    # a field that is copied (escaped in the report) and free text that is not copied at all
+    meta.update({"ManufacturersModelName": EVIL, "SeriesDescription": "Doe^Jane FLAIR", "PatientName": "Doe^Jane",
+                 "PatientBirthDate": "19700101"})
     side.write_text(json.dumps(meta))
     return bids
 

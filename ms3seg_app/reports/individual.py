@@ -580,7 +580,7 @@ def write_participant_report(path: Path, *, title: str, flair_name: str, flair: 
         Versions, model, preprocessing choices, cross-validation figures, lesion
         definition and run date (see :func:`methods_text`).
     metadata : dict
-        Acquisition sidecar fields (identifying fields already removed).
+        Acquisition sidecar fields (acquisition parameters only: :func:`~ms3seg_app.derivatives.safe_metadata`).
     group_href : str, optional
         Relative link to the group report.
     classes : sequence of :class:`~ms3seg_app.model.card.ClassInfo`, optional

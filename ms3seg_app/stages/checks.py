@@ -22,13 +22,15 @@ MAX_DIM = 1024
 #: Inferior-superior extent (mm) below which the report warns that the scan cannot hold a brain.
 MIN_SI_COVERAGE_MM = 60.0
 #: A FLAIR is taken as intensity-normalised (z-scored, WhiteStripe, ...: no zero of signal) when
-#: more than this fraction of its voxels lie below ``-NEGATIVE_OF_P99`` times the 99th percentile
-#: of its absolute values (:func:`restore_signal_zero`). Measured 2026-12-03 on the 40 development
-#: FLAIR, T1w and T2w images (registered with spline interpolation, whose ringing leaves
-#: negative values): at most 0.02 % of their voxels; three of the FLAIRs z-scored, 6-9 %
-#: (skull-stripped, z-scored within the brain) and 63-66 % (whole head).
+#: more than this fraction of its voxels (other than a constant background) lie below
+#: ``-NEGATIVE_OF_P99`` times the 99th percentile of their absolute values
+#: (:func:`looks_intensity_normalised`). Measured 2026-12-03 on the 40 development FLAIR, T1w
+#: and T2w images (registered with spline interpolation, whose ringing leaves negative values):
+#: none of their voxels; three of the FLAIRs z-scored, 19-22 % (skull-stripped, z-scored within
+#: the brain) and 5-18 % (whole head). The zero-mean noise in the air of a real-valued
+#: reconstruction reaches it only at a standard deviation of ~8 % of that percentile.
 NORMALISED_NEGATIVE_FRACTION = 0.01
-NEGATIVE_OF_P99 = 0.05
+NEGATIVE_OF_P99 = 0.2
 
 
 def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
@@ -41,12 +43,13 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
     Returns
     -------
     (Nifti1Image (I, J, K) float32 on the input grid with the input's qform/sform, list of str)
-        The image's ``extra["intensity_normalised"]`` says whether its zero was restored.
+        The image's ``extra["signal_zero_restored"]`` says whether :func:`restore_signal_zero`
+        changed its intensities.
 
     Policy: images with NaN/Inf voxels are **refused** (such voxels mean a broken
     conversion; silently masking them would hide it); a 4D image with a single volume
-    is accepted as 3D; an intensity-normalised image gets its zero of signal back
-    (:func:`restore_signal_zero`, with a QC warning).
+    is accepted as 3D; an intensity-normalised image, or one with a negative background
+    value, gets its zero of signal back (:func:`restore_signal_zero`, with a QC warning).
 
     Raises
     ------
@@ -63,13 +66,13 @@ def load_flair(path: Path | str) -> tuple[nib.Nifti1Image, list[str]]:
         warnings.append(f"the FLAIR covers only {extent:.0f} mm from inferior to superior "
                         f"({data.shape[si_axis]} slices); a whole brain needs about 120 mm, so ICV, volumes "
                         "and lesion counts describe part of the brain only")
-    data, note = restore_signal_zero(data, si_axis)
+    data, note = restore_signal_zero(data)
     if note:
         warnings.append(note)
     from ..derivatives import image_like
 
     out = image_like(data, img, np.float32)
-    out.extra["intensity_normalised"] = note is not None  # for the dseg sidecar's IntensityNormalised
+    out.extra["signal_zero_restored"] = note is not None  # for the dseg sidecar's SignalZeroRestored
     return out, warnings
 
 
@@ -153,77 +156,121 @@ def looks_intensity_normalised(data: np.ndarray) -> tuple[bool, float]:
     """Whether a FLAIR's intensities were normalised (z-scored, WhiteStripe: no zero of signal).
 
     The rule: more than :data:`NORMALISED_NEGATIVE_FRACTION` of the voxels lie below
-    ``-NEGATIVE_OF_P99`` times the 99th percentile of ``|data|`` (a scan has none beyond
-    interpolation ringing).
+    ``-NEGATIVE_OF_P99`` times the 99th percentile of ``|data|`` (a scan has none: neither
+    interpolation ringing nor the zero-mean noise of a real-valued reconstruction reach so far).
 
     Parameters
     ----------
     data : ndarray, any shape, float32, finite
+        The voxels to judge (:func:`restore_signal_zero` gives those outside a constant
+        background).
 
     Returns
     -------
     (bool, float)
         The verdict, and the fraction of voxels below that level.
     """
+    if data.size == 0:
+        return False, 0.0
     scale = float(np.percentile(np.abs(data), 99.0))
     frac = float(np.count_nonzero(data < -NEGATIVE_OF_P99 * scale)) / data.size
     return scale > 0 and frac > NORMALISED_NEGATIVE_FRACTION, frac
 
 
 def unreadable_input(path: Path, exc: OSError) -> str:
-    """The message for an input file that cannot be opened (e.g. a DataLad or git-annex link whose
-    content was not fetched), naming the file and the fix."""
+    """The message for an input file that cannot be opened, naming the file and the fix.
+
+    Parameters
+    ----------
+    path : Path
+        The input (FLAIR, T1w, T2w) as the dataset names it.
+    exc : OSError
+        What opening it raised.
+
+    Returns
+    -------
+    str
+        One line; for a link whose target is missing (a DataLad or git-annex dataset whose
+        content was not fetched) it says to ``datalad get`` it.
+    """
     link = " (a link to content not present: `datalad get` or `git annex get` it)" if path.is_symlink() else ""
     return f"{path}: cannot open the file{link}: {exc.strerror or exc}"
 
 
-def restore_signal_zero(data: np.ndarray, si_axis: int = 2) -> tuple[np.ndarray, str | None]:
-    """An intensity-normalised FLAIR shifted back so that its darkest signal is 0, as in a scan.
+def background_value(data: np.ndarray) -> float | None:
+    """The constant a skull-stripping or a reslicing wrote outside the head or the field of view.
+
+    The most frequent value on the six faces of the volume, if it fills at least
+    :data:`NORMALISED_NEGATIVE_FRACTION` of all voxels exactly; else None (a whole-head scan's
+    air is noise, not one value).
+
+    Parameters
+    ----------
+    data : ndarray (I, J, K) float32
+
+    Returns
+    -------
+    float or None
+    """
+    faces = np.concatenate([np.take(data, end, axis=ax).ravel() for ax in range(3) for end in (0, -1)])
+    values, counts = np.unique(faces, return_counts=True)
+    value = values[np.argmax(counts)]
+    return float(value) if np.count_nonzero(data == value) >= NORMALISED_NEGATIVE_FRACTION * data.size else None
+
+
+def restore_signal_zero(data: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """A FLAIR whose intensities have no zero of signal, given one back: 0 is no signal, as in a scan.
 
     Every later stage takes 0 as no signal: the Otsu head mask, the model's tissue-mode
-    anchor (:func:`~ms3seg_app.preprocessing.normalize.normalize` maps 0 to 0), the
-    skull-stripped check and ``--skull-strip none`` (voxels above 0). A FLAIR z-scored or
-    WhiteStripe-normalised has no such zero: half its brain is below 0, and where it was
-    skull-stripped first its background (often 0) lies inside the brain's range. Measured
-    2026-12-03 (default model, ``--skull-strip auto``) on three development FLAIRs skull-stripped
-    by BET and z-scored within the brain: their tri-mask agreed with that of the unnormalised
-    FLAIR by Dice 0.79-0.89 (ventricles), 0.55-0.59 (normal WMH, 2.1-2.4 times too large) and
-    0.70-0.92 (abnormal WMH); shifted back, 0.96-1.00 in every class. The same FLAIRs whole-head
-    and z-scored gave the scan's tri-mask already (Dice 1.00; the shift keeps >= 0.999).
+    anchor (:func:`~ms3seg_app.preprocessing.normalize.normalize` maps its lowest value, at
+    most 0, to 0), the skull-stripped check and ``--skull-strip none`` (voxels above 0). Two
+    kinds of input break that:
 
-    An image counts as normalised by :func:`looks_intensity_normalised`. Its background is the value that fills at least 99 %
-    of the in-plane edge faces of the volume exactly (the value skull-stripping wrote), if one
-    does. The other voxels are shifted so that their 0.5th percentile (the darkest tissue, or
-    air of a whole-head image) becomes 0 and clipped below at 0.1 % of their 99th
-    percentile, so that they stay above 0; the background becomes 0.
+    - an intensity-normalised FLAIR (z-scored, WhiteStripe; :func:`looks_intensity_normalised`
+      of its voxels other than the :func:`background_value`): half its brain is below 0, and
+      where it was skull-stripped first its background (often 0) lies inside the brain's
+      range. Its background becomes 0 and its other voxels are shifted so that their 0.5th
+      percentile (the darkest tissue, or the air of a whole-head image) is 0, clipped below at
+      0.1 % of their 99th percentile so that they stay above 0. Measured 2026-12-03 (default
+      model, ``--skull-strip auto``) on three development FLAIRs skull-stripped by BET and
+      z-scored within the brain: their tri-mask agreed with that of the unnormalised FLAIR by
+      Dice 0.79-0.89 (ventricles), 0.55-0.59 (normal WMH, 2.1-2.4 times too large) and
+      0.70-0.92 (abnormal WMH); shifted back, 0.96-1.00 in every class. The same FLAIRs
+      whole-head and z-scored gave the scan's tri-mask already (Dice 1.00; shifted, >= 0.999);
+    - a scan with a negative background value (e.g. -1000 outside the field of view after a
+      reslice): that value becomes 0, the rest is left as it is.
+
+    The judgement is made on every second voxel along each axis (no copy of a large scan).
 
     Parameters
     ----------
     data : ndarray (I, J, K) float32, stored order
         FLAIR intensities, finite.
-    si_axis : int
-        The stored axis across axial slices (its two faces are not edges of the slices).
 
     Returns
     -------
     (ndarray (I, J, K) float32, str or None)
-        ``data`` itself when it is not normalised, with None; else the shifted copy and a note
-        for the QC warnings.
+        ``data`` itself where neither applies, with None; else the new array and a note for
+        the QC warnings.
     """
-    normalised, frac = looks_intensity_normalised(data)
+    fill = background_value(data)
+    sample = data[::2, ::2, ::2]
+    normalised, frac = looks_intensity_normalised(sample[sample != fill] if fill is not None else sample)
     if not normalised:
-        return data, None
-    edges = np.concatenate([np.take(data, end, axis=ax).ravel()
-                            for ax in range(3) if ax != si_axis for end in (0, -1)])
-    values, counts = np.unique(edges, return_counts=True)
-    fill = float(values[np.argmax(counts)]) if counts.max() >= 0.99 * edges.size else None
-    tissue = data != fill if fill is not None else np.ones(data.shape, bool)
-    floor, top = np.percentile(data[tissue], [0.5, 99.0])
-    out = np.where(tissue, np.maximum(data - np.float32(floor), np.float32(1e-3 * (top - floor))),
-                   np.float32(0)).astype(np.float32)
-    where = (f"its background ({fill:g} at the edges) was set to 0 and its darkest tissue"
-             if fill is not None else "its darkest voxels (air)")
-    return out, (f"the FLAIR looks intensity-normalised ({frac:.0%} of its voxels below 0): {where} taken as "
+        if fill is None or fill >= 0:
+            return data, None
+        out = np.where(data != np.float32(fill), data, np.float32(0)).astype(np.float32)
+        share = float(np.count_nonzero(out != data)) / data.size
+        return out, (f"its background value {fill:g} ({share:.0%} of the voxels, e.g. outside the field of view) "
+                     "was set to 0, as no signal")
+    tissue = data != np.float32(fill) if fill is not None else None
+    values = data[tissue] if tissue is not None else data
+    floor, top = np.percentile(values, [0.5, 99.0])
+    del values
+    out = np.maximum(data - np.float32(floor), np.float32(1e-3 * (top - floor))).astype(np.float32)
+    if tissue is not None:
+        out[~tissue] = 0
+    where = (f"its background ({fill:g}) was set to 0 and its darkest tissue" if fill is not None
+             else "its darkest voxels (air)")
+    return out, (f"the FLAIR looks intensity-normalised ({frac:.0%} of its voxels far below 0): {where} taken as "
                  "no signal; results are less certain than from the scanner's FLAIR, give that if you have it")
-
-
