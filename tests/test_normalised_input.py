@@ -2,7 +2,6 @@
 every stage that takes 0 as no signal (:func:`ms3seg_app.stages.checks.restore_signal_zero`)."""
 import nibabel as nib
 import numpy as np
-import pytest
 
 from conftest import SHARED_DATA, needs_shared
 from test_skull_stripped import _head
