@@ -178,8 +178,10 @@ def figures(df: pd.DataFrame, long: pd.DataFrame, classes=None) -> list[dict]:
             # some participants' sessions are in acquisition order (group.order_sessions): each
             # session at its rank; a tick names the session where all participants agree on it
             x = multi["session_rank"]
-            order = [(lambda u: u[0] if len(u) == 1 else f"#{r + 1}")(multi.loc[x == r, "session_id"].unique())
-                     for r in range(int(x.max()) + 1)]
+            order = []
+            for r in range(int(x.max()) + 1):
+                labels = multi.loc[x == r, "session_id"].unique()
+                order.append(labels[0] if len(labels) == 1 else f"#{r + 1}")
         else:
             # sessions at their places in the labels' numeric order (a categorical axis would
             # take them in the order they first appear over the participants)
