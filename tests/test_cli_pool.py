@@ -158,3 +158,29 @@ def test_group_no_reports_writes_no_group_html(tmp_path, monkeypatch):
         old.unlink()
     assert run.main([str(EXAMPLE), str(out), "group", "--no-reports"]) == 0  # an older group.html is not silent
     assert "is from an earlier group run" in _log_text(out, "group")
+
+
+def test_threads_follow_the_cpus_the_task_may_use_not_the_node(tmp_path, tiny_model, monkeypatch):
+    """A cluster task bound to 1 CPU of a 64-core node (SLURM's affinity) runs 1 thread per
+    FLAIR, in TensorFlow, OpenMP and ITK (ANTsPy), not 64."""
+    import json
+    import os
+
+    from ms3seg_app.cli.run import main
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.delenv("LOKY_MAX_CPU_COUNT", raising=False)
+    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        monkeypatch.setenv(var, "")  # restored after the test: select_device sets them
+    bids = tmp_path / "bids"
+    shutil.copytree(EXAMPLE, bids)
+    out = tmp_path / "out"
+    rc = main([str(bids), str(out), "participant", "--participant-label", "02", "--skull-strip", "none",
+               "--skip-bids-validation", "--device", "cpu", "--no-reports", "--model", str(tiny_model)])
+    assert rc == 0, _log_text(out)[-3000:]
+    config = json.loads(next((out / "logs").glob("config-*.json")).read_text())
+    assert config["threads_per_flair"] == 1
+    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        assert os.environ[var] == "1", var

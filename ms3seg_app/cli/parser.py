@@ -136,7 +136,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nprocs", type=int, default=1, metavar="N",
                    help="FLAIRs processed in parallel (default: %(default)s)")
     g.add_argument("--omp-nthreads", type=int, default=0, metavar="N",
-                   help="threads per FLAIR (default: 0, all cores divided by --nprocs)")
+                   help="threads per FLAIR (default: 0, the CPUs this process may use - its affinity "
+                        "and cgroup quota, e.g. a SLURM task's - divided by --nprocs)")
     g.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where TensorFlow runs; 'auto' uses a GPU if one is found (default: %(default)s)")
 
