@@ -1,7 +1,7 @@
 """Benchmark: whole-process time per FLAIR against the MS3SEG seed's bare model (issue 14).
 
     python benchmarks/bench_speed.py [--skull-strip auto] [--many 4] [--big] [--skip-validation] [--no-tta]
-                                     [--members I ...] [--stripped] [--repeat 2]
+                                     [--members I ...] [--stripped] [--repeat 2] [--floor]
 
 For a clinical 2D FLAIR (256x256x20, 0.9x0.9x6.5 mm) and a 1 mm 3D FLAIR (182x218x182),
 both synthetic heads made here (speed does not depend on content), it prints:
@@ -20,6 +20,8 @@ both synthetic heads made here (speed does not depend on content), it prints:
   processes, so with their drift) and the stages of FLAIRs 2-N from that run's log (one process);
 - a rerun whose outputs are complete (target < 3 s);
 - ``--nprocs``: 4 FLAIRs with 1 and with 2 worker processes;
+- ``--floor``: the least one FLAIR's process takes whatever ms3seg's own code does
+  (:data:`FLOOR`): TensorFlow's import plus deepbet's and the ensemble's networks;
 - ``--big``: a 512x512x300 FLAIR (an upsampled clinical scan): time, peak memory, output size.
 """
 import argparse
@@ -59,6 +61,59 @@ sl = np.stack([ndimage.zoom(d[:, :, k], (256 / d.shape[0], 256 / d.shape[1]), or
 p = model.predict(sl[..., None], batch_size=8, verbose=0)
 print(f"SEED {time.perf_counter() - t0:.2f}")
 '''
+
+
+#: The floor (``--floor``): what one FLAIR's process takes at least, whatever ms3seg's own code
+#: does around the work that is not ours (TensorFlow's import, deepbet's networks, the ensemble's
+#: networks). A fresh process imports TensorFlow as the CLI does (alone, not beside the
+#: validator), then runs brain extraction and the model on the FLAIR twice with the run's options,
+#: timing deepbet's networks (``brain_extraction._predict``: bounding box at 128^3, brain at 256^3,
+#: their last layer included) and the ensemble's (``Prediction.timings["network"]``) in each; the
+#: second, faster call's figures are printed (no graph tracing).
+FLOOR = r'''
+import json, sys, time
+t0 = time.perf_counter()
+from ms3seg_app.cli.run import import_tensorflow
+import_tensorflow()
+t_tf = time.perf_counter() - t0
+import nibabel as nib, numpy as np
+import ms3seg_app.brain_extraction as be
+from ms3seg_app.model.predict import Predictor
+from ms3seg_app.stages.brain import brain_mask
+opts = json.loads(sys.argv[2])
+img = nib.load(sys.argv[1])
+img = nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine)
+pred = Predictor.load(tta=opts["tta"], members=opts["members"])
+net = [0.0]
+predict = be._predict
+def timed(*a, **k):
+    t = time.perf_counter()
+    try:
+        return predict(*a, **k)
+    finally:
+        net[0] += time.perf_counter() - t
+be._predict = timed
+for _ in range(2):
+    net[0] = 0.0
+    slices = pred.prepare(img)
+    mask, method, _ = brain_mask(img, opts["skull_strip"])
+    network = pred.predict_image(img, mask, slices=slices).timings["network"]
+print("FLOOR " + json.dumps({"tensorflow_import": t_tf, "deepbet_networks": net[0], "ensemble_networks": network,
+                             "brain_extraction": method}))
+'''
+
+
+def floor(flair: Path, a) -> dict:
+    """The :data:`FLOOR` child's figures for ``flair`` with this run's options (seconds)."""
+    opts = {"tta": not a.no_tta, "members": [int(m) for m in a.members] if a.members else None,
+            "skull_strip": a.skull_strip}
+    r = subprocess.run([sys.executable, "-c", FLOOR, str(flair), json.dumps(opts)], env=ENV,
+                       capture_output=True, text=True)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("FLOOR ")), None)
+    if r.returncode or line is None:
+        print(f"  floor: rc={r.returncode}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+        return {}
+    return json.loads(line[6:])
 
 
 def phantom(shape, zooms, seed=0, stripped=False) -> np.ndarray:
@@ -165,6 +220,9 @@ def main() -> None:
     ap.add_argument("--members", nargs="+", default=None, metavar="I",
                     help="pass --members I ... (default: the whole ensemble)")
     ap.add_argument("--crop", choices=["head", "brain"], default=None, help="pass --crop (default: ms3seg's)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time what is not ms3seg's own code (TensorFlow's import, deepbet's and the "
+                         "ensemble's networks) in a process of its own: the least a FLAIR's process takes")
     a = ap.parse_args()
     opts = ["--skull-strip", a.skull_strip] + ["--skip-bids-validation"] * a.skip_validation + ["--no-tta"] * a.no_tta
     opts += ["--members", *a.members] if a.members else []
@@ -199,6 +257,16 @@ def main() -> None:
                      "extraction (its inference waits for it: waiting_for_model)" if load else ""))
             print("   stages: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items() if "." not in k))
             print("   inference parts: " + ", ".join(f"{k.split('.', 1)[1]} {v:.2f}" for k, v in st.items() if "." in k))
+            if a.floor:
+                f = floor(flair, a)
+                if f:
+                    least = f["tensorflow_import"] + f["deepbet_networks"] + f["ensemble_networks"]
+                    print(f"   floor: tensorflow_import {f['tensorflow_import']:.2f} + deepbet's networks "
+                          f"{f['deepbet_networks']:.2f} (brain extraction: {f['brain_extraction']}) + the "
+                          f"ensemble's networks {f['ensemble_networks']:.2f} = {least:.1f} s per process "
+                          f"(0.5x target {0.5 * seed_s:.1f} s); per further FLAIR at least "
+                          f"{f['deepbet_networks'] + f['ensemble_networks']:.1f} s (target "
+                          f"{3 if name == '2d' else 15} s)")
             t_re, _, _ = run(participant(bids, out, opts), "rerun")
             print(f"   complete rerun: {t_re:.2f} s (target < 3 s)")
             if a.many > 1:
