@@ -21,8 +21,23 @@ PIPELINE_NAME = "ms3seg-app"
 BIDSIGNORE = ["*.html", "*_lesions.tsv", "*_volumes.tsv", "logs/", "models", "group_*"]  # "models/" is not honoured by bids-validator-deno 2.x
 
 
+def _file_mode() -> int:
+    """Mode of a new file under the process's umask (0o644 under 022, 0o664 under 002 for a lab's
+    group-shared folder, 0o600 under 077), as ``open()`` creates files. Python has no call that
+    reads the umask without setting it (``os.umask`` returns the old value), so it is set and put
+    back at once; called once, when this module is imported."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: What :func:`atomic_write_bytes` gives its files (``mkstemp`` creates them 0o600)
+FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename),
+    with the permissions the umask gives a new file (:data:`FILE_MODE`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -31,7 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,4 +1,20 @@
 """Exception hierarchy of ms3seg-app (after pybids' ``exceptions.py``)."""
+import errno
+
+#: errno of an :class:`OSError` that is the machine's state, not a bug -> what the user does
+SYSTEM_ERRORS = {
+    errno.ENOSPC: "free space in the output folder, the work folder (-w) and TMPDIR, then run again",
+    errno.EDQUOT: "the disk quota is used up: free space or ask for a larger quota, then run again",
+    errno.EROFS: "the file system is read-only: give a writable output folder, -w WORK_DIR or TMPDIR",
+    errno.EACCES: "check the permissions of the output folder, the work folder (-w) and TMPDIR",
+    errno.EPERM: "check the permissions of the output folder, the work folder (-w) and TMPDIR",
+}
+
+
+def is_system_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the machine's state (a full disk or quota, a read-only or forbidden
+    folder: :data:`SYSTEM_ERRORS`; too little memory), not a bug."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in SYSTEM_ERRORS)
 
 
 class MS3SegError(Exception):
@@ -14,4 +30,4 @@ class ModelError(MS3SegError):
 
 
 class UsageError(MS3SegError):
-    """Command-line arguments are inconsistent (exit code 2)."""
+    """Command-line arguments are inconsistent, or the run has nowhere to write (exit code 2)."""

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from . import __version__
 from .bids import COREGISTERED, FlairInput
 from .derivatives import (atomic_save_nifti, atomic_write_json, atomic_write_text, flair_outputs, image_like,
                           output_prefix, probability_image, raw_uri, resolve_crash_logs, safe_metadata)
-from .exceptions import InputDataError
+from .exceptions import InputDataError, is_system_error
 from .model.card import ModelCard, sha256_file
 
 LOGGER = logging.getLogger("ms3seg.participant")
@@ -469,8 +470,12 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
                       flair=img, dseg=dseg, brain_mask=mask, coreg=coreg, lesions=lesions, volumes=volumes,
                       warnings=warnings, metadata=safe_metadata(fi.metadata),
                       provenance=_provenance(card, used, options, method, coreg_methods), classes=card.classes)
-        except Exception:  # a failed report never loses the segmentation (fMRIPrep's rule)
-            LOGGER.exception("%s: the HTML report failed; the derivatives are complete", prefix)
+        except Exception as exc:  # a failed report never loses the segmentation (fMRIPrep's rule)
+            if is_system_error(exc):
+                raise  # e.g. the disk is full: this FLAIR fails (one line says so), the next run redoes it
+            LOGGER.warning("%s: the HTML report failed (%s: %s); the derivatives are complete (traceback in the "
+                           "run's log)", prefix, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            LOGGER.debug("%s: the HTML report failed:\n%s", prefix, traceback.format_exc())
             result.warnings.append("report failed (traceback in the log)")
             paths.pop("report", None)
     outputs = sorted(str(p.relative_to(output_dir)) for k, p in paths.items())

@@ -1,7 +1,7 @@
 #!/bin/bash
 # SLURM: one participant per array task, then the group level once the array is done.
 #
-#   sbatch --array=1-$(($(wc -l < $BIDS/participants.tsv) - 1))%50 scripts/slurm_ms3seg.sh participant
+#   sbatch --array=1-$(scripts/slurm_ms3seg.sh count)%50 scripts/slurm_ms3seg.sh participant
 #   sbatch --dependency=afterany:<array job id> scripts/slurm_ms3seg.sh group
 #
 # Set BIDS, OUT and SIF (the Singularity/Apptainer image) below or in the environment.
@@ -12,19 +12,23 @@
 #SBATCH --output=ms3seg_%A_%a.log
 set -euo pipefail
 BIDS=${BIDS:?set BIDS to the BIDS dataset}
+LEVEL=${1:-participant}
+# participant N is the N-th non-empty line after the header (a last line without its newline
+# counts; Windows line ends are dropped); "count" prints how many there are
+participant() { awk -v n="$1" 'NR > 1 { sub(/\r$/, "") } NR > 1 && NF { i++; if (n == "" || i == n) print $1 }' "$BIDS/participants.tsv"; }
+if [ "$LEVEL" = count ]; then participant "" | wc -l; exit 0; fi
 OUT=${OUT:?set OUT to the output folder}
 SIF=${SIF:-ms3seg.sif}
 WORK=${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/ms3seg_work_${SLURM_JOB_ID:-0}_${SLURM_ARRAY_TASK_ID:-0}
-LEVEL=${1:-participant}
 run() { singularity run --cleanenv --containall -B "$BIDS:/data:ro" -B "$OUT:/out" -B "$WORK:/work" \
           ${GPU:+--nv} "$SIF" "$@"; }
 mkdir -p "$OUT" "$WORK"
+trap 'rm -rf "$WORK"' EXIT  # also when ms3seg fails (set -e stops the script)
 if [ "$LEVEL" = participant ]; then
-  # line N+1 of participants.tsv is task N (line 1 is the header)
-  LABEL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$BIDS/participants.tsv" | cut -f1)
+  LABEL=$(participant "${SLURM_ARRAY_TASK_ID:?run as an array task: sbatch --array=1-N}")
+  [ -n "$LABEL" ] || { echo "no participant $SLURM_ARRAY_TASK_ID in $BIDS/participants.tsv" >&2; exit 2; }
   run /data /out participant --participant-label "${LABEL#sub-}" -w /work \
       --omp-nthreads "${SLURM_CPUS_PER_TASK:-2}" --skip-bids-validation
 else
   run /data /out group
 fi
-rm -rf "$WORK"

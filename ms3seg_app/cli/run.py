@@ -2,7 +2,8 @@
 
 Exit codes: 0 every selected FLAIR succeeded; 1 some failed (the others' results are
 kept; one line each on the terminal, tracebacks in ``output_dir/logs/``); 2 usage
-error; 70 (EX_SOFTWARE) internal error before any FLAIR ran.
+error; 70 (EX_SOFTWARE) internal error before any FLAIR ran; 143 stopped by SIGTERM
+(:class:`Terminated`).
 
 The terminal shows only ms3seg-app's own lines at the default verbosity. TensorFlow,
 absl and CUDA write to the process's standard-error file descriptor from C++, where
@@ -19,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -28,6 +30,55 @@ LOGGER = logging.getLogger("ms3seg")
 IMPORTANT = 25
 logging.addLevelName(IMPORTANT, "IMPORTANT")
 EX_SOFTWARE = 70
+
+
+#: Exit status of a run stopped by SIGTERM (128 + 15, as a shell reports a process it ended)
+EX_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(SystemExit):
+    """SIGTERM reached the run (a scheduler's time limit or preemption, ``docker stop``).
+
+    Raised in the main thread by :func:`_on_sigterm` so that the run unwinds as after any
+    error: worker processes are stopped, the temporary work folder is removed, the log says
+    so; outputs are written atomically, so the FLAIRs not finished have none and the next run
+    redoes them. A :class:`SystemExit`, so ``except Exception`` (one FLAIR's failure) does
+    not take it for a FLAIR's error. Without a handler Python dies at once on SIGTERM, and as
+    a container's PID 1 (``docker run`` without ``--init``) it ignores it.
+    """
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated(EX_TERMINATED)
+
+
+def ensure_tempdir(work_dir: Path | None) -> None:
+    """Make sure temporary files have a writable folder, before anything needs one.
+
+    Python's (and TensorFlow's, the BIDS validator's) temporary files go to ``TMPDIR``, else
+    ``/tmp``, ``/var/tmp`` or the working folder (:func:`tempfile.gettempdir`); in a read-only
+    container (``docker run --read-only`` without ``--tmpfs /tmp``) none may be writable.
+    Then, with ``-w``, ``TMPDIR`` is set to ``work_dir/tmp``.
+
+    Raises
+    ------
+    UsageError
+        No writable temporary folder and no ``-w``; the message says what to do.
+    """
+    from ..exceptions import UsageError
+
+    try:
+        tempfile.gettempdir()
+        return
+    except FileNotFoundError as exc:
+        if work_dir is None:
+            raise UsageError(f"no writable folder for temporary files ({exc}); set TMPDIR to a writable "
+                              "folder or give -w WORK_DIR (docker run --read-only: add --tmpfs /tmp)") from None
+    tmp = Path(work_dir) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # gettempdir() looks again, at TMPDIR first
+    LOGGER.info("no writable TMPDIR, /tmp or /var/tmp: temporary files go to %s", tempfile.gettempdir())
 
 
 def _setup_logging(verbose: int, quiet: int, log_file: Path | None, console=None) -> None:
@@ -80,12 +131,16 @@ def usable_cpus() -> int:
     return max(1, int(joblib.cpu_count()))
 
 
-def select_device(device: str, omp_threads: int) -> str:
+def select_device(device: str, omp_threads: int, query: bool = True) -> str:
     """Configure TensorFlow's device and threads before it is imported; return what is used.
 
     ``omp_threads`` > 0 sets the threads of TensorFlow (intra-op; inter-op 1), OpenMP and ITK
     (ANTsPy: ``--n4``, ANTs co-registration; read when ANTsPy is imported, which happens later).
-    ``gpu`` without a visible GPU falls back to the CPU with a warning.
+    ``gpu`` without a visible GPU falls back to the CPU with a warning. A GPU's memory is taken
+    as needed (``set_memory_growth``), not all at once, so that ``--nprocs`` workers (and
+    other jobs) can share it. ``query=False`` leaves ``auto`` and ``gpu`` undecided (returned
+    as given) without importing TensorFlow: the main process of an ``--nprocs`` run, whose
+    workers decide each (importing TensorFlow only to list GPUs took 0.6 GB there).
     """
     if omp_threads > 0:
         for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
@@ -95,11 +150,18 @@ def select_device(device: str, omp_threads: int) -> str:
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return "cpu"
+    if not query:
+        return device
     import_tensorflow()
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
+        for gpu in gpus:
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError as exc:  # raised once TensorFlow has initialised the GPU
+                LOGGER.debug("GPU memory growth not set: %s", exc)
         return "gpu"
     if device == "gpu":
         LOGGER.warning("--device gpu asked for, but TensorFlow sees no GPU: running on the CPU")
@@ -178,21 +240,37 @@ def main(argv=None) -> int:
     stem = f"ms3seg_{opts.analysis_level}_{run_uuid}"
     console = _redirect_native_stderr(log_dir / f"native_{stem}.log") if opts.verbose < 2 else None
     _setup_logging(opts.verbose, opts.quiet, log_dir / f"{stem}.log", console)
-    from ..exceptions import MS3SegError
+    from ..exceptions import MS3SegError, UsageError, is_system_error
 
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
+        try:
+            ensure_tempdir(opts.work_dir)
+        except UsageError as exc:
+            LOGGER.error("ms3seg: %s", exc)
+            return 2
         if opts.analysis_level == "group":
             return _group(opts)
         return _participant(opts, run_uuid, console)
+    except Terminated:
+        LOGGER.error("ms3seg: stopped by SIGTERM (a time limit, preemption or docker stop): FLAIRs not "
+                     "finished have no outputs; run the same command again to do them")
+        return EX_TERMINATED
     except MS3SegError as exc:
         LOGGER.error("ms3seg: %s", exc)
         return 1
-    except Exception:  # internal error: full traceback to the log, one line to the terminal
+    except Exception as exc:  # internal error: full traceback to the log, one line to the terminal
         LOGGER.debug("internal error:\n%s", traceback.format_exc())
+        if is_system_error(exc):
+            LOGGER.error("ms3seg: %s", _error_line(exc))  # the machine's state, not a bug
+            return 1
         LOGGER.error("ms3seg: internal error (%s); this is a bug: please report it with %s",
                      traceback.format_exc(limit=0).strip().splitlines()[-1], log_dir / f"{stem}.log")
         return EX_SOFTWARE
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         logging.shutdown()
         if console is not None:  # give fd 2 back (main() may run inside a longer process, e.g. tests)
             sys.stderr.flush()
@@ -402,6 +480,7 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
         Names the crash logs.
     """
     import concurrent.futures as cf
+    import logging.handlers
     import multiprocessing as mp
     from concurrent.futures.process import BrokenProcessPool
 
@@ -413,15 +492,21 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
     inflight.mkdir(parents=True, exist_ok=True)
     breaks: dict[str, int] = {}
     remaining = list(todo)
+    ctx = mp.get_context("spawn")
+    # the workers' log records, handled here by this process's handlers (console and run log)
+    log_queue = ctx.Queue()
+    listener = logging.handlers.QueueListener(log_queue, *logging.getLogger("ms3seg").handlers,
+                                              respect_handler_level=True)
+    listener.start()
     try:
         while remaining:
             pending, procs = {}, None
             progress_before = len(done) + len(failed) + sum(breaks.values())
             # spawn, not fork: TensorFlow is not fork-safe; each worker loads the model once and
             # runs `threads` threads, so the workers share the cores instead of each taking all
-            with cf.ProcessPoolExecutor(max_workers=min(nprocs, len(remaining)), mp_context=mp.get_context("spawn"),
+            with cf.ProcessPoolExecutor(max_workers=min(nprocs, len(remaining)), mp_context=ctx,
                                         initializer=_init_worker,
-                                        initargs=(threads, opts.device, opts.verbose, opts.quiet)) as pool:
+                                        initargs=(threads, opts.device, log_queue)) as pool:
                 # private, read only for the dead worker's exit status; without it (another Python)
                 # no FLAIR can be blamed for sure and each running one is retried once instead
                 procs = getattr(pool, "_processes", None)
@@ -436,6 +521,9 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
                         _record(*outcome, done, failed, opts.output_dir, run_uuid)
                 except BrokenProcessPool:
                     pass  # leaving the block joins the workers, so their exit codes are known below
+                except BaseException:  # SIGTERM (Terminated), Ctrl-C: leaving would wait for their FLAIRs
+                    _stop_workers(pool)
+                    raise
             unsubmitted = remaining[submitted:]
             if not pending and not unsubmitted:
                 return
@@ -464,6 +552,8 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
                 LOGGER.log(IMPORTANT, "a worker process died (%s): processing the %d unfinished FLAIR(s) in a "
                            "fresh pool of worker processes", dead or "exit status unknown", len(remaining))
     finally:
+        listener.stop()
+        log_queue.close()
         shutil.rmtree(inflight, ignore_errors=True)
 
 
@@ -554,17 +644,60 @@ def _warm_up(opts, threads: int, nprocs: int) -> tuple[str, dict]:
     the BIDS validator).
     """
     t0 = time.perf_counter()
-    device = select_device(opts.device, threads)
+    device = select_device(opts.device, threads, query=nprocs == 1)
     if nprocs == 1:
         import_tensorflow()
     return device, {"tensorflow_import": time.perf_counter() - t0}
 
 
-def _init_worker(threads: int, device: str, verbose: int, quiet: int) -> None:
-    """Per worker process: thread budget and device before TensorFlow is imported; console logging."""
+def _init_worker(threads: int, device: str, log_queue) -> None:
+    """Per worker process: thread budget and device before TensorFlow is imported; its log
+    records go to the main process (``log_queue``, :func:`_run_pool`), which writes them to
+    the console and the run's log as its own; it ends when the main process does.
+
+    A worker's own standard error is the main process's file descriptor 2, which points at
+    ``logs/native_<run>.log`` (TensorFlow's C++ messages): records written there would reach
+    neither the console nor the run's log.
+    """
+    import logging.handlers
+    import multiprocessing as mp
+
+    root = logging.getLogger("ms3seg")
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG)  # the main process's handlers filter by their own levels
+    root.addHandler(logging.handlers.QueueHandler(log_queue))
+    parent = mp.parent_process()
+    if parent is not None:
+        # killed with SIGKILL, the main process cannot stop its workers: each would finish its
+        # FLAIR and then wait, holding its memory, as an orphan
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
     select_device("cpu" if device == "cpu" else device, threads)
     import_tensorflow()
-    _setup_logging(verbose, quiet, None)
+
+
+def _exit_with(parent) -> None:
+    """Wait for the ``multiprocessing`` parent process to end, then end this process at once."""
+    parent.join()
+    os._exit(EX_TERMINATED)
+
+
+def _stop_workers(pool) -> None:
+    """Stop a process pool's workers now (SIGTERM; SIGKILL after 10 s), not after their FLAIRs.
+
+    :meth:`concurrent.futures.Executor.shutdown` only waits for running tasks; the workers are
+    this process's :func:`multiprocessing.active_children`.
+    """
+    import multiprocessing as mp
+
+    pool.shutdown(wait=False, cancel_futures=True)
+    children = mp.active_children()
+    for p in children:
+        p.terminate()
+    for p in children:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _predictor(job: dict, background: bool = False):
@@ -605,14 +738,20 @@ def _process_one(fi, job: dict, source_sha: str | None = None):
 
 
 def _error_line(exc: BaseException) -> str:
-    """One line: the message for bad input, or stage + type for a bug."""
-    from ..exceptions import MS3SegError
+    """One line: the message for bad input, what to do for a full disk, a read-only folder or
+    too little memory, or stage + type for a bug."""
+    from ..exceptions import SYSTEM_ERRORS, MS3SegError
 
     stage = getattr(exc, "ms3seg_stage", None)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, MS3SegError):
         return first
     where = f" in stage '{stage}'" if stage else ""
+    if isinstance(exc, OSError) and exc.errno in SYSTEM_ERRORS:
+        name = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or first}{name}{where}: {SYSTEM_ERRORS[exc.errno]}"
+    if isinstance(exc, MemoryError):
+        return f"out of memory{where}: ask for more memory per task, or use fewer --nprocs"
     return f"internal error{where} ({type(exc).__name__}: {first}); this is a bug: please report it with the crash log"
 
 

@@ -67,8 +67,11 @@ def coregister_to_flair(moving_path: Path, flair: nib.Nifti1Image, method: str =
 
             fixed = ants.image_read(str(fixed_p))
             moving = ants.image_read(str(moving_p))
+            # outprefix: its transform files in this folder, removed with it (by default ANTsPy
+            # leaves them in the system's temporary folder, one per registration)
             reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid",
-                                    aff_metric="mattes", random_seed=1, verbose=False)
+                                    aff_metric="mattes", random_seed=1, verbose=False,
+                                    outprefix=str(Path(tmp) / "rigid_"))
             out = Path(tmp) / "reg.nii.gz"
             ants.image_write(reg["warpedmovout"], str(out))
             data = np.asanyarray(nib.load(str(out)).dataobj).astype(np.float32)
