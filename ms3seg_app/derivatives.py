@@ -363,6 +363,12 @@ def crash_log_path(output_dir: Path, prefix: str, run_uuid: str) -> Path:
     return Path(output_dir) / "logs" / f"{CRASH_PREFIX}{prefix}-{run_uuid}.txt"
 
 
+def flair_lock_path(output_dir: Path, prefix: str) -> Path:
+    """``logs/locks/<prefix>.lock``: the file a participant process locks while it processes a
+    FLAIR (:func:`~ms3seg_app.participant.flair_lock`; the group level tests it)."""
+    return Path(output_dir) / "logs" / "locks" / f"{prefix}.lock"
+
+
 def used_card_path(output_dir: Path, card_sha256: str) -> Path:
     """``models/<sha256[:16]>_model_card.json``: the card a participant run used, kept with its outputs."""
     return Path(output_dir) / "models" / f"{card_sha256[:16]}_model_card.json"

@@ -17,8 +17,12 @@ Outputs (listed in ``.bidsignore``):
 
 A FLAIR whose results are incomplete (its dseg sidecar, written last by the participant
 level, is missing, or a file that sidecar lists in ``Outputs`` is missing) is flagged
-``incomplete`` in the QC table and kept out of the statistics and the longitudinal
-change; its row stays in the volumes table.
+``incomplete`` in the QC table and kept out of the statistics, the longitudinal change and
+the vote on model, members and inference options; its row stays in the volumes table.
+Where a participant process holds the FLAIR's lock (a group run while array tasks are still
+running) it is reported as ``being processed`` instead. A FLAIR that a participant-level run
+selected (``logs/config-*.json``) and that has no result at all (its task was killed before
+writing anything) is listed in the QC table too.
 """
 from __future__ import annotations
 
@@ -236,6 +240,72 @@ def _incomplete_message(missing: list[str], participant_id: str) -> str:
             f"(--participant-label {label})")
 
 
+#: QC problem of a FLAIR whose lock a participant process holds now (:func:`flair_lock_held`)
+BEING_PROCESSED = ("being processed (its participant-level run holds the lock): run the group level again "
+                   "when it has finished")
+
+
+def _no_result_message(participant_id: str) -> str:
+    label = str(participant_id).removeprefix("sub-")
+    return (f"no result: its participant-level run did not finish (killed or still running); re-run the "
+            f"participant level for {participant_id} (--participant-label {label})")
+
+
+def flair_lock_held(output_dir: Path, prefix: str) -> bool:
+    """Whether a running participant process holds a FLAIR's lock now
+    (:func:`~ms3seg_app.participant.flair_lock`), tested without waiting.
+
+    The lock is tried with the participant level's own primitive (``fcntl.flock``,
+    ``LOCK_EX | LOCK_NB``) on its lock file and released at once. A lock file that does not
+    exist is not created (the FLAIR was never locked: not held), and none is deleted. The
+    kernel drops the lock of a process that dies, so a lock file left by a killed job is not
+    held.
+
+    Parameters
+    ----------
+    output_dir : Path
+        The participant level's output folder.
+    prefix : str
+        The FLAIR's :func:`~ms3seg_app.derivatives.output_prefix`.
+
+    Returns
+    -------
+    bool
+        True if another process holds the lock; False if it is free, if there is no lock file,
+        or if the file system cannot tell (no ``flock`` support).
+    """
+    import errno
+    import fcntl
+    import os
+
+    from .derivatives import flair_lock_path
+
+    path = flair_lock_path(output_dir, prefix)
+    fd = None
+    # read-write where allowed: where flock is emulated with POSIX locks (NFS), an exclusive lock
+    # needs a descriptor open for writing; O_CREAT is never given, so nothing is created
+    for flags in (os.O_RDWR, os.O_RDONLY):
+        try:
+            fd = os.open(path, flags)
+            break
+        except PermissionError:
+            continue
+        except OSError:  # no lock file (never locked), or not readable
+            return False
+    if fd is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        # EWOULDBLOCK: another open file description holds it; other errors (no flock support): cannot tell
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)  # taken only to test it: a participant job waiting for it goes on
+    finally:
+        os.close(fd)
+    return False
+
+
 def inference_options(meta: dict) -> str:
     """The inference options of a dseg sidecar that are not the defaults, as the command-line
     flags that set them (space-separated; empty for the defaults). A sidecar without
@@ -281,7 +351,8 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         ``--members`` subset, space-separated; empty for the whole ensemble), ``inference_options``
         (:func:`inference_options`), ``qc_messages``,
         ``prefix``, ``report``, ``qc_incomplete`` (bool) and ``qc_incomplete_message`` (empty
-        if complete) added.
+        if complete; :data:`BEING_PROCESSED` where a participant process holds the FLAIR's
+        lock, :func:`flair_lock_held`, tested only for incomplete FLAIRs) added.
 
     Raises
     ------
@@ -321,10 +392,13 @@ def collect_volumes(output_dir: Path) -> pd.DataFrame:
         df["model_members"] = " ".join(map(str, used)) if subset else ""
         df["inference_options"] = inference_options(meta)
         df["qc_messages"] = "; ".join(meta.get("QCWarnings", []))
-        df["prefix"] = output_prefix(ents)
+        df["prefix"] = prefix = output_prefix(ents)
         df["qc_incomplete"] = bool(missing)
-        df["qc_incomplete_message"] = [_incomplete_message(missing, pid) if missing else ""
-                                       for pid in df["participant_id"]]
+        # a FLAIR still being written (array tasks finish at different times) is no reason to re-run
+        # it; the lock is tested only here, for the few incomplete FLAIRs
+        busy = bool(missing) and flair_lock_held(output_dir, prefix)
+        df["qc_incomplete_message"] = [BEING_PROCESSED if busy else _incomplete_message(missing, pid) if missing
+                                       else "" for pid in df["participant_id"]]
         df["report"] = named["report"].name if named["report"].is_file() else ""
         frames.append(df)
     if unchecked:
@@ -358,8 +432,10 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
       training geometry of the model each row's sidecar names (``geometries``, keyed by
       model sha256), else ``training_geometry``;
     - ``qc_model_differs``: segmented by another model, or another subset of its ensemble
-      members (``--members``), than most FLAIRs of the group (every row when no setting has
-      a majority): their burdens are not directly comparable, yet the statistics pool them;
+      members (``--members``), or other inference options, than most complete FLAIRs of the
+      group (every complete row when no setting has a majority): their burdens are not
+      directly comparable, yet the statistics pool them. Rows with ``qc_incomplete`` neither
+      vote nor are flagged: without a dseg sidecar they name no model;
     - ``qc_flags``: all flags of the row, ``;``-separated (empty if none), including the
       ``incomplete (missing ...)`` message of :func:`collect_volumes` where present.
     """
@@ -382,9 +458,13 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
     members = df["model_members"] if "model_members" in df else pd.Series("", index=df.index)
     inference = df["inference_options"] if "inference_options" in df else pd.Series("", index=df.index)
     model = shas.astype(str) + "|" + members.astype(str) + "|" + inference.astype(str)
-    modes = model.mode()
-    # a tie has no majority: every row is flagged, the group mixes models or member sets evenly
-    df["qc_model_differs"] = (model != modes.iloc[0]) if len(modes) == 1 else model.nunique() > 1
+    # incomplete rows (no sidecar yet: model "") would vote for a model no FLAIR was made with, and
+    # with a tie flag complete ones; they are kept out of the statistics anyway
+    voting = ~df["qc_incomplete"].astype(bool) if "qc_incomplete" in df else pd.Series(True, index=df.index)
+    modes = model[voting].mode()
+    # a tie has no majority: every voting row is flagged, the group mixes models or member sets evenly
+    differs = (model != modes.iloc[0]) if len(modes) == 1 else pd.Series(model[voting].nunique() > 1, index=df.index)
+    df["qc_model_differs"] = differs & voting
     names = {"qc_duplicate_input": "identical input to another FLAIR", "qc_outlier_icv": "ICV outlier",
              "qc_outlier_lesion": "lesion-volume outlier", "qc_geometry": "geometry outside training",
              "qc_model_differs": "other model, members or inference options than most of the group"}
@@ -397,16 +477,86 @@ def add_qc_flags(df: pd.DataFrame, training_geometry: dict | None = None,
     return df
 
 
+def selected_without_result(output_dir: Path, bids_dir: Path, df: pd.DataFrame) -> list[str]:
+    """FLAIRs that a participant-level run selected and that have no result at all: its task was
+    killed (SLURM time limit, SIGTERM/SIGKILL) before it wrote anything for them, or is still
+    running and has not reached them.
+
+    Every run that has FLAIRs to process lists them (``inputs``) in ``logs/config-<run>.json``
+    before it starts; a FLAIR with a row in ``df`` (complete or not) is reported from there.
+
+    Parameters
+    ----------
+    output_dir : Path
+        The participant level's output folder.
+    bids_dir : Path
+        The BIDS dataset: a selected FLAIR no longer in it is not expected to have results.
+    df : DataFrame
+        The group table (:func:`collect_volumes`): ``prefix`` and ``flair_source``.
+
+    Returns
+    -------
+    list of str
+        The FLAIRs' prefixes (:func:`~ms3seg_app.derivatives.output_prefix`), each once, in the
+        order the configs list them.
+    """
+    from .derivatives import flair_entities, output_prefix, raw_path, raw_uri
+
+    sources = set(df["flair_source"]) if "flair_source" in df else set()
+    prefixes = set(df["prefix"])
+    seen, found, gone = set(), [], 0
+    for config in sorted((Path(output_dir) / "logs").glob("config-*.json")):
+        try:
+            data = json.loads(config.read_text())
+            run_bids, inputs = data.get("bids_dir"), data.get("inputs", [])
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+            LOGGER.warning("%s not read (%s): FLAIRs that run selected and that have no result are not listed",
+                           config, exc)
+            continue
+        if not isinstance(inputs, list) or not isinstance(run_bids, (str, type(None))):
+            LOGGER.warning("%s: 'inputs' is not a list of paths: FLAIRs that run selected and that have no "
+                           "result are not listed", config)
+            continue
+        for path in (Path(i) for i in inputs if isinstance(i, str)):
+            # the URI the FLAIR's dseg sidecar names in Sources (as the participant level writes it, relative
+            # to that run's dataset): most inputs have a result, found without naming their outputs (which
+            # parses the name: milliseconds per FLAIR, seconds for a large dataset)
+            uri = raw_uri(path, run_bids)
+            if uri in sources or uri in seen:
+                continue
+            seen.add(uri)
+            # a FLAIR removed from the dataset since (a discarded scan) is not expected to have results;
+            # looked up relative to the dataset too, which the group level may see at another mount point
+            if not (path.exists() or raw_path(uri, bids_dir).exists()):
+                gone += 1
+                continue
+            prefix = output_prefix(flair_entities(path))
+            if prefix not in prefixes:
+                found.append(prefix)
+    if gone:
+        LOGGER.info("%d FLAIR(s) that participant-level runs selected are no longer in %s: no result is "
+                    "expected for them", gone, bids_dir)
+    return list(dict.fromkeys(found))
+
+
 def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame,
                        participants: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Participants of ``participants.tsv`` without results, and FLAIRs with crash logs.
+    """Participants of ``participants.tsv`` without results, FLAIRs with crash logs, and FLAIRs
+    that a participant-level run selected and that have no result (:func:`selected_without_result`).
 
     The participant level moves a FLAIR's crash logs to ``logs/resolved/`` once it succeeds
     (:func:`~ms3seg_app.derivatives.resolve_crash_logs`), so ``logs/crash-*.txt`` are failures
     that still hold: each is listed, unless (output folders of earlier versions, which left
     them there) the FLAIR's results are complete (``df["qc_incomplete"]`` false) and their
     dseg sidecar is newer than the crash log. A FLAIR whose rerun failed is listed, even
-    where an earlier run's tables are still there.
+    where an earlier run's tables are still there. A crash log moved to ``logs/resolved/``
+    while it is read (a participant run that succeeds meanwhile) is left out.
+
+    A selected FLAIR without any result is listed as ``being processed`` where a participant
+    process holds its lock (:func:`flair_lock_held`), else as ``no result`` (its task was
+    killed); not where it has a crash log (listed as failed). A participant of
+    ``participants.tsv`` with such FLAIRs, or crash logs, is not listed again as a participant
+    without results.
 
     Parameters
     ----------
@@ -416,7 +566,8 @@ def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame,
         The BIDS dataset.
     df : DataFrame
         The group table (:func:`collect_volumes`): ``participant_id``, ``prefix``, and where
-        present ``qc_incomplete``, ``session_id`` and ``session_rank`` (:func:`order_sessions`).
+        present ``qc_incomplete``, ``flair_source``, ``session_id`` and ``session_rank``
+        (:func:`order_sessions`).
     participants : DataFrame or None
         :func:`read_participants` of ``bids_dir`` if the caller has read it; else read here.
 
@@ -431,7 +582,7 @@ def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame,
     rows = []
     incomplete = df["qc_incomplete"] if "qc_incomplete" in df else pd.Series(False, index=df.index)
     done = set(df.loc[~incomplete.astype(bool), "prefix"])
-    crashed = set()
+    reported, crashed_flairs = set(), set()  # participants, FLAIRs listed
     for crash in sorted((Path(output_dir) / "logs").glob("crash-*.txt")):
         prefix = prefix_from_crash_log(crash)
         if prefix in done:
@@ -441,12 +592,24 @@ def missing_and_failed(output_dir: Path, bids_dir: Path, df: pd.DataFrame,
                     continue
             except OSError:
                 pass
-        lines = [ln for ln in crash.read_text().splitlines() if ln.strip()]
-        crashed.add(prefix.split("_")[0])
+        try:
+            lines = [ln for ln in crash.read_text().splitlines() if ln.strip()]
+        except FileNotFoundError:  # moved to logs/resolved/ since the glob: its FLAIR has just succeeded
+            continue
+        reported.add(prefix.split("_")[0])
+        crashed_flairs.add(prefix)
         rows.append({"participant_id": prefix.split("_")[0], "flair": prefix,
                      "problem": "failed: " + (lines[-1][:300] if lines else "see " + crash.name)})
+    for prefix in selected_without_result(output_dir, bids_dir, df):
+        if prefix in crashed_flairs:  # listed above, as failed
+            continue
+        participant = prefix.split("_")[0]
+        reported.add(participant)
+        rows.append({"participant_id": participant, "flair": prefix,
+                     "problem": BEING_PROCESSED if flair_lock_held(output_dir, prefix)
+                     else _no_result_message(participant)})
     listed = (read_participants(bids_dir) if participants is None else participants)["participant_id"]
-    for p in sorted(set(listed) - set(df["participant_id"]) - crashed):
+    for p in sorted(set(listed) - set(df["participant_id"]) - reported):
         rows.append({"participant_id": p, "flair": "n/a", "problem": "no participant-level result"})
     out = pd.DataFrame(rows, columns=["participant_id", "flair", "problem"]).drop_duplicates()
     # in the group table's session order; sessions without any result after the others

@@ -274,7 +274,9 @@ def flair_lock(output_dir: Path, prefix: str):
     """
     import fcntl
 
-    path = Path(output_dir) / "logs" / "locks" / f"{prefix}.lock"
+    from .derivatives import flair_lock_path
+
+    path = flair_lock_path(output_dir, prefix)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         try:
