@@ -206,6 +206,34 @@ def _flair_metadata(flair, index: dict, root: Path, cache: dict) -> tuple[dict, 
     return dict(sorted(merged.items())), None
 
 
+def index_ignore(participant_labels=None) -> list:
+    """What pybids leaves out of the index (``BIDSLayoutIndexer(ignore=...)``): its defaults
+    (``code``, ``sourcedata``, dot files, ...) and, when participants are selected, every other
+    participant's folder.
+
+    A cluster runs one participant per task: indexing the whole dataset in each took 21.6 s
+    for 1000 participants (8000 files) against 1.3 s for the selected one's folder (2 cores,
+    2026-12-03). Patterns are matched against paths relative to the dataset with a leading
+    ``/`` (pybids' ``_check_path_matches_patterns``).
+
+    Parameters
+    ----------
+    participant_labels : list of str, optional
+        Labels without ``sub-``; None or empty: the whole dataset is indexed.
+
+    Returns
+    -------
+    list of str and compiled regular expressions
+    """
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+
+    ignore = sorted(DEFAULT_LOCATIONS_TO_IGNORE, key=str)
+    if participant_labels:
+        keep = "|".join(re.escape(label) for label in sorted(participant_labels))
+        ignore.append(re.compile(rf"^/sub-(?!(?:{keep})(?:/|$))"))
+    return ignore
+
+
 def collect_inputs(bids_dir: Path, participant_labels=None, session_labels=None, filters=None,
                    layout=None) -> tuple[list[FlairInput], list[str]]:
     """Every FLAIR of the selected participants and sessions, with T1w/T2w of the same session.
@@ -243,13 +271,16 @@ def collect_inputs(bids_dir: Path, participant_labels=None, session_labels=None,
         # malformed JSON of the dataset and no FLAIR at all would be processed. They are read
         # per FLAIR below instead, so a bad one fails only the FLAIRs it applies to.
         layout = BIDSLayout(str(bids_dir), validate=False, derivatives=False,
-                            indexer=BIDSLayoutIndexer(validate=False, index_metadata=False))
+                            indexer=BIDSLayoutIndexer(validate=False, index_metadata=False,
+                                                      ignore=index_ignore(participant_labels)))
     subjects = layout.get_subjects()
     if participant_labels:
         missing = sorted(set(participant_labels) - set(subjects))
         if missing:
+            # the index holds the selected participants only: the others are listed from the folder
+            available = sorted(p.name[4:] for p in Path(bids_dir).iterdir() if p.is_dir() and p.name.startswith("sub-"))
             raise InputDataError(f"participant(s) {missing} not found in {bids_dir} "
-                                 f"(available: {sorted(subjects)})")
+                                 f"(available: {available})")
         subjects = sorted(participant_labels)
     query = {"suffix": "FLAIR", "datatype": "anat", "extension": [".nii", ".nii.gz"],
              "subject": subjects, **filters.get("flair", {})}

@@ -254,3 +254,45 @@ def test_slurm_script_runs_every_participant(tmp_path):
     args = (tmp_path / "args.txt").read_text().split()
     assert args[args.index("--participant-label") + 1] == "02"
     assert not (tmp_path / "t" / "ms3seg_work_7_2").exists()
+
+
+def test_one_participant_is_indexed_alone_with_the_same_inputs(tmp_path):
+    """An array task for one participant indexes that participant's folder only (pybids
+    ``ignore``), with the same inputs as from the whole dataset; a participant whose label is
+    a prefix of another's (1 and 10) is not mixed up; an unknown one is refused with the
+    dataset's participants listed."""
+    from ms3seg_app.bids import collect_inputs
+    from ms3seg_app.exceptions import InputDataError
+
+    ds = tmp_path / "bids"
+    shutil.copytree(EXAMPLE, ds)
+    for src, dst in (("sub-01", "sub-1"), ("sub-02", "sub-10")):
+        shutil.copytree(ds / src, ds / dst)
+        for p in sorted((ds / dst).rglob("*"), key=lambda p: -len(p.parts)):
+            p.rename(p.with_name(p.name.replace(src, dst)))
+    import bids.layout
+
+    seen = []
+    indexer = bids.layout.BIDSLayoutIndexer
+
+    def recording(*a, **k):
+        seen.append(k.get("ignore") or [])
+        return indexer(*a, **k)
+
+    whole, _ = collect_inputs(ds)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bids.layout, "BIDSLayoutIndexer", recording)
+        collect_inputs(ds, ["01"])
+    skipped = [p for p in seen[-1] if hasattr(p, "search")]
+    assert any(p.search("/sub-02/anat") for p in skipped) and not any(p.search("/sub-01/anat") for p in skipped)
+    for label in ("01", "1", "10"):
+        alone, _ = collect_inputs(ds, [label])
+        assert [(f.path, f.t1w, f.metadata) for f in alone] == \
+            [(f.path, f.t1w, f.metadata) for f in whole if f.entities["subject"] == label]
+    from ms3seg_app.bids import index_ignore
+
+    layout = bids.layout.BIDSLayout(str(ds), validate=False, indexer=bids.layout.BIDSLayoutIndexer(
+        validate=False, index_metadata=False, ignore=index_ignore(["1"])))
+    assert layout.get_subjects() == ["1"]
+    with pytest.raises(InputDataError, match=r"not found.*available: \['01', '02', '1', '10'\]"):
+        collect_inputs(ds, ["99"])
