@@ -254,8 +254,10 @@ def main(argv=None) -> int:
             return _group(opts)
         return _participant(opts, run_uuid, console)
     except Terminated:
-        LOGGER.error("ms3seg: stopped by SIGTERM (a time limit, preemption or docker stop): FLAIRs not "
-                     "finished have no outputs; run the same command again to do them")
+        left = ("FLAIRs not finished have no outputs" if opts.analysis_level == "participant" else
+                "each group table is whole, but some may still be the previous group run's")
+        LOGGER.error("ms3seg: stopped by SIGTERM (a time limit, preemption or docker stop): %s; run the same "
+                     "command again", left)
         return EX_TERMINATED
     except MS3SegError as exc:
         LOGGER.error("ms3seg: %s", exc)
@@ -269,7 +271,7 @@ def main(argv=None) -> int:
                      traceback.format_exc(limit=0).strip().splitlines()[-1], log_dir / f"{stem}.log")
         return EX_SOFTWARE
     finally:
-        if on_main_thread:
+        if on_main_thread and previous is not None:  # None: a handler not set from Python, left as it is
             signal.signal(signal.SIGTERM, previous)
         logging.shutdown()
         if console is not None:  # give fd 2 back (main() may run inside a longer process, e.g. tests)
