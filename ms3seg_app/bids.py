@@ -208,8 +208,8 @@ def _flair_metadata(flair, index: dict, root: Path, cache: dict) -> tuple[dict, 
 
 def index_ignore(participant_labels=None) -> list:
     """What pybids leaves out of the index (``BIDSLayoutIndexer(ignore=...)``): its defaults
-    (``code``, ``sourcedata``, dot files, ...) and, when participants are selected, every other
-    participant's folder.
+    (``DEFAULT_LOCATIONS_TO_IGNORE``: ``code``, ``sourcedata``, ...) and, when participants are
+    selected, every other participant's folder.
 
     A cluster runs one participant per task: indexing the whole dataset in each took 21.6 s
     for 1000 participants (8000 files) against 1.3 s for the selected one's folder (2 cores,

@@ -6,15 +6,20 @@ SYSTEM_ERRORS = {
     errno.ENOSPC: "free space in the output folder, the work folder (-w) and TMPDIR, then run again",
     errno.EDQUOT: "the disk quota is used up: free space or ask for a larger quota, then run again",
     errno.EROFS: "the file system is read-only: give a writable output folder, -w WORK_DIR or TMPDIR",
-    errno.EACCES: "check the permissions of the output folder, the work folder (-w) and TMPDIR",
-    errno.EPERM: "check the permissions of the output folder, the work folder (-w) and TMPDIR",
+    errno.EACCES: "check the permissions of that file and its folder (output folder, -w WORK_DIR, TMPDIR)",
+    errno.EPERM: "check the permissions of that file and its folder (output folder, -w WORK_DIR, TMPDIR)",
 }
+
+#: errno of a full or read-only disk: writing anything more fails too (a FLAIR's report included)
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def is_system_error(exc: BaseException) -> bool:
     """Whether ``exc`` is the machine's state (a full disk or quota, a read-only or forbidden
-    folder: :data:`SYSTEM_ERRORS`; too little memory), not a bug."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in SYSTEM_ERRORS)
+    folder: :data:`SYSTEM_ERRORS`; too little memory, TensorFlow's ``ResourceExhaustedError``
+    included), not a bug."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError"
+            or (isinstance(exc, OSError) and exc.errno in SYSTEM_ERRORS))
 
 
 class MS3SegError(Exception):

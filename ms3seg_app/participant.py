@@ -33,7 +33,7 @@ from . import __version__
 from .bids import COREGISTERED, FlairInput
 from .derivatives import (atomic_save_nifti, atomic_write_json, atomic_write_text, flair_outputs, image_like,
                           output_prefix, probability_image, raw_uri, resolve_crash_logs, safe_metadata)
-from .exceptions import InputDataError, is_system_error
+from .exceptions import DISK_ERRORS, InputDataError
 from .model.card import ModelCard, sha256_file
 
 LOGGER = logging.getLogger("ms3seg.participant")
@@ -473,8 +473,8 @@ def _process_locked(fi, predictor, output_dir, options, work_dir, bids_dir, path
                       warnings=warnings, metadata=safe_metadata(fi.metadata),
                       provenance=_provenance(card, used, options, method, coreg_methods), classes=card.classes)
         except Exception as exc:  # a failed report never loses the segmentation (fMRIPrep's rule)
-            if is_system_error(exc):
-                raise  # e.g. the disk is full: this FLAIR fails (one line says so), the next run redoes it
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+                raise  # the disk is full or read-only: this FLAIR fails (one line says so), the next run redoes it
             LOGGER.warning("%s: the HTML report failed (%s: %s); the derivatives are complete (traceback in the "
                            "run's log)", prefix, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
             LOGGER.debug("%s: the HTML report failed:\n%s", prefix, traceback.format_exc())

@@ -16,7 +16,7 @@ LEVEL=${1:-participant}
 # participant N is the N-th non-empty line after the header (a last line without its newline
 # counts; Windows line ends are dropped); "count" prints how many there are
 participant() { awk -v n="$1" 'NR > 1 { sub(/\r$/, "") } NR > 1 && NF { i++; if (n == "" || i == n) print $1 }' "$BIDS/participants.tsv"; }
-if [ "$LEVEL" = count ]; then participant "" | wc -l; exit 0; fi
+if [ "$LEVEL" = count ]; then participant "" | awk 'END { print NR }'; exit 0; fi
 OUT=${OUT:?set OUT to the output folder}
 SIF=${SIF:-ms3seg.sif}
 WORK=${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/ms3seg_work_${SLURM_JOB_ID:-0}_${SLURM_ARRAY_TASK_ID:-0}
@@ -24,6 +24,9 @@ run() { singularity run --cleanenv --containall -B "$BIDS:/data:ro" -B "$OUT:/ou
           ${GPU:+--nv} "$SIF" "$@"; }
 mkdir -p "$OUT" "$WORK"
 trap 'rm -rf "$WORK"' EXIT  # also when ms3seg fails (set -e stops the script)
+# on SIGTERM (time limit, scancel) wait for ms3seg's own clean-up, then exit: without this trap
+# bash would exit at once and remove the work folder while ms3seg still uses it
+trap 'exit 143' TERM
 if [ "$LEVEL" = participant ]; then
   LABEL=$(participant "${SLURM_ARRAY_TASK_ID:?run as an array task: sbatch --array=1-N}")
   [ -n "$LABEL" ] || { echo "no participant $SLURM_ARRAY_TASK_ID in $BIDS/participants.tsv" >&2; exit 2; }

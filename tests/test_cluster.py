@@ -53,6 +53,7 @@ def test_sigterm_stops_a_serial_run_cleanly(tmp_path, tiny_model, monkeypatch, p
         raise AssertionError("SIGTERM did not stop the run")
 
     monkeypatch.setattr(P, "process_flair", killed)
+    before = signal.getsignal(signal.SIGTERM)
     bids = tmp_path / "bids"
     shutil.copytree(EXAMPLE, bids)
     out = tmp_path / "out"
@@ -62,7 +63,7 @@ def test_sigterm_stops_a_serial_run_cleanly(tmp_path, tiny_model, monkeypatch, p
     assert "stopped by SIGTERM" in _log_text(out)
     assert not list(private_tmp.glob("ms3seg_work_*"))
     assert not (out / "sub-02" / "anat").exists() or not list((out / "sub-02" / "anat").glob("*_dseg.json"))
-    assert signal.getsignal(signal.SIGTERM) is not None  # the test process's own handler is back
+    assert signal.getsignal(signal.SIGTERM) == before  # the test process's own handler is back
 
 
 # In the spawned workers (PYTHONPATH): the worker of $MS3SEG_TEST_TERM's FLAIR logs a line, sends
@@ -78,6 +79,7 @@ HOOK = textwrap.dedent("""\
                 logging.getLogger("ms3seg.participant").warning("worker %d says hello", os.getpid())
                 with open(os.environ["MS3SEG_TEST_PIDS"], "a") as fh:
                     fh.write(f"{os.getpid()}\\n")
+                time.sleep(0.5)  # the record is on its way (the queue's feeder thread)
                 os.kill(os.getppid(), signal.SIGTERM)
                 time.sleep(120)
             return _orig(fi, *a, **k)

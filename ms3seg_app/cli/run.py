@@ -49,6 +49,8 @@ class Terminated(SystemExit):
 
 
 def _on_sigterm(signum, frame) -> None:
+    # a second SIGTERM (SLURM signals every process of the task) must not interrupt the clean-up
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated(EX_TERMINATED)
 
 
@@ -123,12 +125,13 @@ def usable_cpus() -> int:
     quota (``docker --cpus``, Kubernetes limits) and ``LOKY_MAX_CPU_COUNT`` if set.
 
     ``os.cpu_count()`` counts the whole node: a 2-CPU array task on a 64-core node would run 64
-    threads per FLAIR. By :func:`joblib.cpu_count` (loky), imported here only: its import takes
-    ~0.07 s, which a run given ``--omp-nthreads`` does not pay.
+    threads per FLAIR. By loky's ``cpu_count`` (vendored in joblib; ``joblib.cpu_count`` itself
+    answers 1 where joblib's multiprocessing is off, e.g. ``JOBLIB_MULTIPROCESSING=0`` or no
+    ``/dev/shm``), imported here only: ~0.07 s, which a run given ``--omp-nthreads`` does not pay.
     """
-    import joblib
+    from joblib.externals.loky import cpu_count
 
-    return max(1, int(joblib.cpu_count()))
+    return max(1, int(cpu_count()))
 
 
 def select_device(device: str, omp_threads: int, query: bool = True) -> str:
@@ -242,8 +245,11 @@ def main(argv=None) -> int:
     _setup_logging(opts.verbose, opts.quiet, log_dir / f"{stem}.log", console)
     from ..exceptions import MS3SegError, UsageError, is_system_error
 
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
+    # only where Python may set it (the main thread) and where the handler there was set from
+    # Python (None: set by an embedding program, which keeps it)
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if previous is not None:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         try:
             ensure_tempdir(opts.work_dir)
@@ -271,7 +277,7 @@ def main(argv=None) -> int:
                      traceback.format_exc(limit=0).strip().splitlines()[-1], log_dir / f"{stem}.log")
         return EX_SOFTWARE
     finally:
-        if on_main_thread and previous is not None:  # None: a handler not set from Python, left as it is
+        if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         logging.shutdown()
         if console is not None:  # give fd 2 back (main() may run inside a longer process, e.g. tests)
@@ -482,7 +488,6 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
         Names the crash logs.
     """
     import concurrent.futures as cf
-    import logging.handlers
     import multiprocessing as mp
     from concurrent.futures.process import BrokenProcessPool
 
@@ -495,37 +500,38 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
     breaks: dict[str, int] = {}
     remaining = list(todo)
     ctx = mp.get_context("spawn")
-    # the workers' log records, handled here by this process's handlers (console and run log)
-    log_queue = ctx.Queue()
-    listener = logging.handlers.QueueListener(log_queue, *logging.getLogger("ms3seg").handlers,
-                                              respect_handler_level=True)
-    listener.start()
     try:
         while remaining:
             pending, procs = {}, None
+            # the workers' log records, handled here (console and run log); a fresh queue per pool:
+            # a worker killed while writing to one may leave it locked or corrupt
+            log_queue, forwarder = _log_forwarder(ctx)
             progress_before = len(done) + len(failed) + sum(breaks.values())
             # spawn, not fork: TensorFlow is not fork-safe; each worker loads the model once and
             # runs `threads` threads, so the workers share the cores instead of each taking all
-            with cf.ProcessPoolExecutor(max_workers=min(nprocs, len(remaining)), mp_context=ctx,
-                                        initializer=_init_worker,
-                                        initargs=(threads, opts.device, log_queue)) as pool:
-                # private, read only for the dead worker's exit status; without it (another Python)
-                # no FLAIR can be blamed for sure and each running one is retried once instead
-                procs = getattr(pool, "_processes", None)
-                submitted = 0
-                try:
-                    for fi, sha in remaining:  # a worker may die while later FLAIRs are submitted
-                        pending[pool.submit(_process_one, fi, job, sha)] = (fi, sha)
-                        submitted += 1
-                    for fut in cf.as_completed(list(pending)):
-                        outcome = fut.result()
-                        del pending[fut]
-                        _record(*outcome, done, failed, opts.output_dir, run_uuid)
-                except BrokenProcessPool:
-                    pass  # leaving the block joins the workers, so their exit codes are known below
-                except BaseException:  # SIGTERM (Terminated), Ctrl-C: leaving would wait for their FLAIRs
-                    _stop_workers(pool)
-                    raise
+            try:
+                with cf.ProcessPoolExecutor(max_workers=min(nprocs, len(remaining)), mp_context=ctx,
+                                            initializer=_init_worker,
+                                            initargs=(threads, opts.device, log_queue)) as pool:
+                    # private, read only for the dead worker's exit status; without it (another Python)
+                    # no FLAIR can be blamed for sure and each running one is retried once instead
+                    procs = getattr(pool, "_processes", None)
+                    submitted = 0
+                    try:
+                        for fi, sha in remaining:  # a worker may die while later FLAIRs are submitted
+                            pending[pool.submit(_process_one, fi, job, sha)] = (fi, sha)
+                            submitted += 1
+                        for fut in cf.as_completed(list(pending)):
+                            outcome = fut.result()
+                            del pending[fut]
+                            _record(*outcome, done, failed, opts.output_dir, run_uuid)
+                    except BrokenProcessPool:
+                        pass  # leaving the block joins the workers, so their exit codes are known below
+                    except BaseException:  # SIGTERM (Terminated), Ctrl-C: leaving would wait for their FLAIRs
+                        _stop_workers(pool, procs)
+                        raise
+            finally:  # after the workers have ended: the records they sent are all handled
+                _stop_forwarder(log_queue, forwarder)
             unsubmitted = remaining[submitted:]
             if not pending and not unsubmitted:
                 return
@@ -554,8 +560,6 @@ def _run_pool(todo: list, job: dict, nprocs: int, threads: int, opts, done: list
                 LOGGER.log(IMPORTANT, "a worker process died (%s): processing the %d unfinished FLAIR(s) in a "
                            "fresh pool of worker processes", dead or "exit status unknown", len(remaining))
     finally:
-        listener.stop()
-        log_queue.close()
         shutil.rmtree(inflight, ignore_errors=True)
 
 
@@ -683,16 +687,53 @@ def _exit_with(parent) -> None:
     os._exit(EX_TERMINATED)
 
 
-def _stop_workers(pool) -> None:
+def _log_forwarder(ctx) -> tuple:
+    """A queue for the workers' log records (:func:`_init_worker`) and a daemon thread that hands
+    each to this process's ``ms3seg`` handlers, each at its own level.
+
+    Hand-written instead of :class:`logging.handlers.QueueListener`, whose ``stop()`` waits
+    without a time limit: a worker killed while writing to the queue can leave its lock held,
+    and the run would never end (:func:`_stop_forwarder` waits 5 s at most).
+    """
+    q = ctx.Queue()
+    handlers = list(logging.getLogger("ms3seg").handlers)
+
+    def forward():
+        while True:
+            try:
+                record = q.get()
+            except (EOFError, OSError, ValueError):  # the queue was closed or broken
+                return
+            if record is None:
+                return
+            for h in handlers:
+                if record.levelno >= h.level:
+                    h.handle(record)
+
+    t = threading.Thread(target=forward, daemon=True, name="ms3seg-worker-logs")
+    t.start()
+    return q, t
+
+
+def _stop_forwarder(q, t) -> None:
+    """End :func:`_log_forwarder`'s thread once it has handled what the workers sent (5 s at most)."""
+    q.put(None)
+    t.join(5)
+    q.cancel_join_thread()  # this process's exit never waits for a queue a dead worker left locked
+    q.close()
+
+
+def _stop_workers(pool, procs: dict | None) -> None:
     """Stop a process pool's workers now (SIGTERM; SIGKILL after 10 s), not after their FLAIRs.
 
-    :meth:`concurrent.futures.Executor.shutdown` only waits for running tasks; the workers are
-    this process's :func:`multiprocessing.active_children`.
+    :meth:`concurrent.futures.Executor.shutdown` only waits for running tasks. ``procs``: the
+    pool's own pid -> process (read where the pool was made); without it, this process's
+    :func:`multiprocessing.active_children`.
     """
     import multiprocessing as mp
 
     pool.shutdown(wait=False, cancel_futures=True)
-    children = mp.active_children()
+    children = list(dict(procs).values()) if procs else mp.active_children()
     for p in children:
         p.terminate()
     for p in children:
@@ -752,8 +793,9 @@ def _error_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno in SYSTEM_ERRORS:
         name = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror or first}{name}{where}: {SYSTEM_ERRORS[exc.errno]}"
-    if isinstance(exc, MemoryError):
-        return f"out of memory{where}: ask for more memory per task, or use fewer --nprocs"
+    # TensorFlow's out-of-memory error (a GPU's too), named so as not to import TensorFlow here
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":
+        return f"out of memory{where}: ask for more memory per task (or GPU), or use fewer --nprocs"
     return f"internal error{where} ({type(exc).__name__}: {first}); this is a bug: please report it with the crash log"
 
 
