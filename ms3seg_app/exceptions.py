@@ -18,6 +18,7 @@ def is_system_error(exc: BaseException) -> bool:
     """Whether ``exc`` is the machine's state (a full disk or quota, a read-only or forbidden
     folder: :data:`SYSTEM_ERRORS`; too little memory, TensorFlow's ``ResourceExhaustedError``
     included), not a bug."""
+    # TensorFlow's out-of-memory error named, not imported: this module is imported without it
     return (isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError"
             or (isinstance(exc, OSError) and exc.errno in SYSTEM_ERRORS))
 

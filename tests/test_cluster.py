@@ -197,6 +197,12 @@ def test_full_disk_while_writing_the_report_fails_the_flair_with_what_to_do(tmp_
     assert "/out/sub-01/anat/x.nii.gz" in quota and "quota" in quota and "bug" not in quota
     assert "bug" in _error_line(ValueError("x"))
 
+    class ResourceExhaustedError(Exception):  # as TensorFlow names its out-of-memory error
+        pass
+
+    for oom in (MemoryError(), ResourceExhaustedError("OOM when allocating tensor")):
+        assert _error_line(oom).startswith("out of memory") and "bug" not in _error_line(oom)
+
 
 @pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o077, 0o600), (0o022, 0o644)])
 def test_outputs_follow_the_umask(tmp_path, umask, mode):

@@ -783,7 +783,7 @@ def _process_one(fi, job: dict, source_sha: str | None = None):
 def _error_line(exc: BaseException) -> str:
     """One line: the message for bad input, what to do for a full disk, a read-only folder or
     too little memory, or stage + type for a bug."""
-    from ..exceptions import SYSTEM_ERRORS, MS3SegError
+    from ..exceptions import SYSTEM_ERRORS, MS3SegError, is_system_error
 
     stage = getattr(exc, "ms3seg_stage", None)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -793,8 +793,7 @@ def _error_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno in SYSTEM_ERRORS:
         name = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror or first}{name}{where}: {SYSTEM_ERRORS[exc.errno]}"
-    # TensorFlow's out-of-memory error (a GPU's too), named so as not to import TensorFlow here
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":
+    if is_system_error(exc):  # the others: too little memory (TensorFlow's, a GPU's, included)
         return f"out of memory{where}: ask for more memory per task (or GPU), or use fewer --nprocs"
     return f"internal error{where} ({type(exc).__name__}: {first}); this is a bug: please report it with the crash log"
 
