@@ -39,7 +39,8 @@ def test_kill_and_resume(tmp_path, tiny_model, sig):
         time.sleep(0.05)
     assert proc.poll() is None, "the job ended before it could be killed"
     proc.send_signal(sig)
-    assert proc.wait() == -sig, "the job was not killed by the signal"
+    # SIGKILL ends it where it is; SIGTERM unwinds it (cli.run.Terminated): exit status 128 + 15
+    assert proc.wait() == (-sig if sig == signal.SIGKILL else 128 + sig), "the job was not stopped by the signal"
     assert first.exists(), "the first FLAIR never finished"
     last = out / "sub-02" / "anat" / "sub-02_space-orig_desc-trimask_dseg.json"
     assert not last.exists(), "the job had finished every FLAIR: it was not killed mid-run"
