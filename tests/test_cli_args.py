@@ -224,12 +224,3 @@ def test_filters_in_namespace_match_load_filters(tmp_path, bids):
     f.write_text(json.dumps({"flair": {"acquisition": "ax"}}))
     o = parse_args([str(bids), str(tmp_path / "out"), "participant", "--bids-filter-file", str(f)])
     assert o.bids_filters == load_filters(o.bids_filter_file)
-
-
-def test_group_level_on_a_mistyped_output_dir_is_a_usage_error(bids, tmp_path, capsys):
-    """The group level reads an existing participant-level folder: a mistyped one exits 2 and is
-    not created (it was, with logs and empty group tables)."""
-    before = sorted(tmp_path.rglob("*"))
-    line = _usage_error([bids, tmp_path / "ms3seg_ouput", "group"], capsys)
-    assert "does not exist" in line and "group level" in line
-    _nothing_written(tmp_path, before)

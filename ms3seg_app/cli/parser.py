@@ -204,7 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     Checks, before anything is written: participant/session labels, given at the participant
     level only; ``bids_dir`` is a readable folder holding ``dataset_description.json``;
     ``output_dir`` and ``-w`` are (or can be created as) writable folders, with no file in
-    their path, neither inside ``bids_dir`` (the group level's ``output_dir`` exists already); ``--bids-filter-file`` (read and validated, see
+    their path, neither inside ``bids_dir``; ``--bids-filter-file`` (read and validated, see
     :func:`ms3seg_app.bids.load_filters`) and ``--model`` are existing files; ``--nprocs``
     is at least 1; ``--members`` are indices of the model card's members (sorted, once each).
 
@@ -265,10 +265,6 @@ def parse_args(argv=None) -> argparse.Namespace:
               "choose an output folder outside it")
     if out in bids.parents:
         _fail(parser, f"bids_dir {bids} is inside output_dir {out}; choose separate folders")
-    if opts.analysis_level == "group" and not out.is_dir():
-        # a mistyped path would otherwise be created, with logs and empty group tables in it
-        _fail(parser, f"output_dir {out} does not exist; the group level reads the participant level's "
-              "output folder: give that folder")
     problem = _check_writable_dir(out, "output_dir")
     if problem:
         _fail(parser, problem)
