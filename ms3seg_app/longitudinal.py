@@ -77,13 +77,11 @@ def register_labels(fixed_flair: Path, moving_flair: Path, moving_dseg: Path) ->
 
     import ants
 
+    from .stages.registration import ants_rigid
+
     fixed = ants.image_read(str(fixed_flair))
-    moving = ants.image_read(str(moving_flair))
-    # the transform files in a folder removed afterwards (ANTsPy's default leaves them in the
-    # system's temporary folder, one per registration)
-    with tempfile.TemporaryDirectory(prefix="ms3seg_rigid_") as tmp:
-        reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid", aff_metric="mattes",
-                                random_seed=1, verbose=False, outprefix=str(Path(tmp) / "rigid_"))
+    with tempfile.TemporaryDirectory(prefix="ms3seg_rigid_") as tmp:  # the transform files, removed after use
+        reg = ants_rigid(fixed, ants.image_read(str(moving_flair)), Path(tmp))
         lab = ants.image_read(str(moving_dseg))
         out = ants.apply_transforms(fixed=fixed, moving=lab, transformlist=reg["fwdtransforms"],
                                     interpolator="genericLabel")

@@ -398,7 +398,9 @@ def _participant(opts, run_uuid: str, console) -> int:
                f"{len(card.members)} member(s)" if options.members is None else
                f"member(s) {', '.join(map(str, options.members))} of {len(card.members)}")
     nprocs = max(1, min(opts.nprocs, len(todo)))
-    threads = opts.omp_nthreads if opts.omp_nthreads > 0 else max(1, usable_cpus() // nprocs)
+    threads = opts.omp_nthreads
+    if todo and threads <= 0:  # only when there is work: a complete rerun imports nothing it does not need
+        threads = max(1, usable_cpus() // nprocs)
     if todo:
         # TensorFlow's import (3-5 s) runs in a thread while the BIDS validator (a 2-3 s
         # subprocess) checks the dataset: the process waits once, not twice. An invalid dataset

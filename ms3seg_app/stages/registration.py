@@ -65,13 +65,7 @@ def coregister_to_flair(moving_path: Path, flair: nib.Nifti1Image, method: str =
         else:
             import ants
 
-            fixed = ants.image_read(str(fixed_p))
-            moving = ants.image_read(str(moving_p))
-            # outprefix: its transform files in this folder, removed with it (by default ANTsPy
-            # leaves them in the system's temporary folder, one per registration)
-            reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid",
-                                    aff_metric="mattes", random_seed=1, verbose=False,
-                                    outprefix=str(Path(tmp) / "rigid_"))
+            reg = ants_rigid(ants.image_read(str(fixed_p)), ants.image_read(str(moving_p)), Path(tmp))
             out = Path(tmp) / "reg.nii.gz"
             ants.image_write(reg["warpedmovout"], str(out))
             data = np.asanyarray(nib.load(str(out)).dataobj).astype(np.float32)
@@ -79,3 +73,26 @@ def coregister_to_flair(moving_path: Path, flair: nib.Nifti1Image, method: str =
     if data.shape != flair.shape:
         raise InputDataError(f"{moving_path}: registered image has shape {data.shape}, FLAIR {flair.shape}")
     return image_like(data, flair, np.float32), used
+
+
+def ants_rigid(fixed, moving, folder: Path) -> dict:
+    """ANTsPy's rigid registration of ``moving`` to ``fixed`` (mutual information, seed 1): the
+    one recipe of co-registration and of the group level's session-to-session registration.
+
+    Parameters
+    ----------
+    fixed, moving : ants.ANTsImage
+    folder : Path
+        Existing folder for the transform files (``reg["fwdtransforms"]``), which the caller
+        removes after use; by default ANTsPy leaves them in the system's temporary folder, one
+        per registration.
+
+    Returns
+    -------
+    dict
+        ``ants.registration``'s result (``warpedmovout``, ``fwdtransforms``, ...).
+    """
+    import ants
+
+    return ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid", aff_metric="mattes",
+                             random_seed=1, verbose=False, outprefix=str(Path(folder) / "rigid_"))
